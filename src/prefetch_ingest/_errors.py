@@ -1,0 +1,63 @@
+"""The library's exceptions: one small family under :class:`PrefetchError`."""
+
+from __future__ import annotations
+
+__all__ = [
+    "PrefetchError",
+    "PrefetcherClosed",
+    "ReentrantLoadError",
+    "RemoteLoadError",
+    "StoreError",
+]
+
+
+class PrefetchError(Exception):
+    """Base class of every error raised by prefetch_ingest itself.
+
+    Errors raised *by a load* are passed to its waiters unchanged; they are
+    never wrapped in a :class:`PrefetchError`.
+    """
+
+
+class PrefetcherClosed(PrefetchError):
+    """The Prefetcher is not open: its ``async with`` block was left (or never entered).
+
+    Waiters of loads that were still running when the block was left end with
+    this error too.
+    """
+
+    def __init__(self, message: str = "the Prefetcher is closed") -> None:
+        super().__init__(message)
+
+
+class ReentrantLoadError(PrefetchError):
+    """A load asked, directly or through loads it started, for its own key.
+
+    Awaiting itself would never finish, so the call fails at once instead.
+    """
+
+    def __init__(self, key: object) -> None:
+        self.key = key
+        super().__init__(
+            f"re-entrant get: the load for key {key!r} awaits its own key "
+            "(it would wait for itself forever)"
+        )
+
+
+class StoreError(PrefetchError):
+    """The store (for example Redis) could not be reached or answered wrongly.
+
+    The underlying error is chained as ``__cause__``.
+    """
+
+
+class RemoteLoadError(PrefetchError):
+    """A load that ran in another process (through a shared store) failed.
+
+    Attributes:
+        error: the failure as the other process recorded it, ``"TypeName: message"``.
+    """
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+        super().__init__(f"the load failed in another process: {error}")
