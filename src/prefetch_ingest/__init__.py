@@ -6,8 +6,8 @@ The public API; everything else lives in private modules.
 from __future__ import annotations
 
 from ._engine import Prefetcher as Prefetcher
-from ._errors import PrefetchError as PrefetchError
 from ._errors import PrefetcherClosed as PrefetcherClosed
+from ._errors import PrefetchError as PrefetchError
 from ._errors import ReentrantLoadError as ReentrantLoadError
 from ._errors import RemoteLoadError as RemoteLoadError
 from ._errors import StoreError as StoreError

@@ -1,4 +1,4 @@
-"""Value types of the public API: :class:`Status`, :class:`Snapshot`, :class:`Progress`, :class:`Stats`.
+"""Value types of the public API: Status, Snapshot, Progress, Stats.
 
 All are immutable: they describe the state of a key, or of the whole
 Prefetcher, at the moment they were taken.
@@ -15,7 +15,7 @@ import attrs
 __all__ = ["Progress", "Snapshot", "Stats", "Status"]
 
 
-class Status(str, enum.Enum):
+class Status(enum.StrEnum):
     """Where a key is in its life cycle.
 
     The string values are the ones used in JSON (``"not_started"`` ...).
@@ -36,9 +36,6 @@ class Status(str, enum.Enum):
     def terminal(self) -> bool:
         """True for ``COMPLETED`` and ``FAILED``: the load has ended."""
         return self is Status.COMPLETED or self is Status.FAILED
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @attrs.frozen
