@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="prefetch_ingest: start expensive coroutines early, run each key once, "
         "serve the result.",
     )
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands = parser.add_subparsers(dest="command", title="commands", required=True)
     demo = commands.add_parser(
         "demo",
         help="replay the origin service's three timelines, compressed in time",
