@@ -1,0 +1,322 @@
+"""The origin service, rebuilt on prefetch_ingest: Query, a background ingest, Mapping, status.
+
+Endpoints (ids: letters, digits, ``_ . -``, at most 64 characters):
+
+- ``POST /api/projects/{project_id}/runs/{run_id}/query`` answers the (simulated)
+  Query and starts the run's ingest in the background;
+- ``POST /api/projects/{project_id}/runs/{run_id}/ingest`` with the JSON body
+  ``{"force_refresh": false}`` (the body may be left out) is the Mapping click:
+  the stats of the background ingest, awaited if it still runs, or run now;
+- ``GET /api/projects/{project_id}/runs/{run_id}/ingest/status`` is the run's
+  state as JSON;
+- ``GET /api/projects/{project_id}/runs/{run_id}/ingest/events`` streams that
+  state as server-sent events until the run completes or fails;
+- ``GET /`` is a small page with a progress bar fed by that stream.
+
+The simulated ingest writes its stats to a database, and the status endpoint
+reads them back when the process knows nothing of a run (after a restart,
+say): SQLite by default, PostgreSQL when ``DATABASE_URL`` is a
+``postgresql://`` URL. Run ids starting with ``fail`` fail, to show a failure.
+
+Run it with ``python examples/fastapi_service/app.py`` and open
+http://127.0.0.1:8000/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Protocol
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict
+
+from prefetch_ingest import PrefetcherClosed, report_progress
+from prefetch_ingest.ingest import IngestPipeline, IngestPrefetcher
+
+HERE = Path(__file__).resolve().parent
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
+Id = Annotated[str, PathParam(pattern=ID_PATTERN, description="a project or run id")]
+RUN = "/api/projects/{project_id}/runs/{run_id}"
+
+
+# -- where the stats are persisted ----------------------------------------------
+
+
+class StatsDB(Protocol):
+    """The ingest's stats table."""
+
+    async def save(self, project_id: str, run_id: str, stats: Mapping[str, Any]) -> None: ...
+
+    async def load(self, project_id: str, run_id: str) -> Mapping[str, Any] | None: ...
+
+    async def aclose(self) -> None: ...
+
+
+class SqliteStats:
+    """The stats table in a SQLite file, through aiosqlite."""
+
+    def __init__(self, connection: Any) -> None:
+        self._db = connection
+
+    @classmethod
+    async def open(cls, path: str) -> SqliteStats:
+        import aiosqlite
+
+        connection = await aiosqlite.connect(path)
+        await connection.execute(
+            "CREATE TABLE IF NOT EXISTS ingest_stats ("
+            " project_id TEXT NOT NULL, run_id TEXT NOT NULL, stats TEXT NOT NULL,"
+            " completed_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP,"
+            " PRIMARY KEY (project_id, run_id))"
+        )
+        await connection.commit()
+        return cls(connection)
+
+    async def save(self, project_id: str, run_id: str, stats: Mapping[str, Any]) -> None:
+        await self._db.execute(
+            "INSERT INTO ingest_stats (project_id, run_id, stats) VALUES (?, ?, ?)"
+            " ON CONFLICT (project_id, run_id) DO UPDATE"
+            " SET stats = excluded.stats, completed_at = CURRENT_TIMESTAMP",
+            (project_id, run_id, json.dumps(dict(stats))),
+        )
+        await self._db.commit()
+
+    async def load(self, project_id: str, run_id: str) -> Mapping[str, Any] | None:
+        async with self._db.execute(
+            "SELECT stats FROM ingest_stats WHERE project_id = ? AND run_id = ?",
+            (project_id, run_id),
+        ) as cursor:
+            row = await cursor.fetchone()
+        return None if row is None else dict(json.loads(row[0]))
+
+    async def aclose(self) -> None:
+        await self._db.close()
+
+
+class PostgresStats:
+    """The stats table in PostgreSQL, through an asyncpg pool."""
+
+    def __init__(self, pool: Any) -> None:
+        self._pool = pool
+
+    @classmethod
+    async def open(cls, url: str) -> PostgresStats:
+        import asyncpg
+
+        pool = await asyncpg.create_pool(url, min_size=1, max_size=4)
+        try:
+            await pool.execute(
+                "CREATE TABLE IF NOT EXISTS ingest_stats ("
+                " project_id text NOT NULL, run_id text NOT NULL, stats jsonb NOT NULL,"
+                " completed_at timestamptz NOT NULL DEFAULT now(),"
+                " PRIMARY KEY (project_id, run_id))"
+            )
+        except BaseException:
+            await pool.close()
+            raise
+        return cls(pool)
+
+    async def save(self, project_id: str, run_id: str, stats: Mapping[str, Any]) -> None:
+        await self._pool.execute(
+            "INSERT INTO ingest_stats (project_id, run_id, stats) VALUES ($1, $2, $3::jsonb)"
+            " ON CONFLICT (project_id, run_id) DO UPDATE"
+            " SET stats = excluded.stats, completed_at = now()",
+            project_id,
+            run_id,
+            json.dumps(dict(stats)),
+        )
+
+    async def load(self, project_id: str, run_id: str) -> Mapping[str, Any] | None:
+        text = await self._pool.fetchval(
+            "SELECT stats::text FROM ingest_stats WHERE project_id = $1 AND run_id = $2",
+            project_id,
+            run_id,
+        )
+        return None if text is None else dict(json.loads(text))
+
+    async def aclose(self) -> None:
+        await self._pool.close()
+
+
+async def open_stats_db(url: str | None) -> StatsDB:
+    """``postgresql://...`` → PostgreSQL; ``sqlite:///path`` or None → SQLite (default file)."""
+    if url is None:
+        url = os.environ.get("DATABASE_URL") or "sqlite:///ingest_stats.sqlite3"
+    if url.startswith(("postgresql://", "postgres://")):
+        return await PostgresStats.open(url)
+    if url.startswith("sqlite:///"):
+        return await SqliteStats.open(url.removeprefix("sqlite:///"))
+    raise ValueError(f"DATABASE_URL must be postgresql://... or sqlite:///path, got {url!r}")
+
+
+# -- the simulated ingest ---------------------------------------------------------
+
+
+class SimulatedPipeline:
+    """Stands in for LLM calls, writes and authorship statistics; writes its stats to ``db``.
+
+    Args:
+        db: where the stats go.
+        steps: number of steps; progress is reported after each.
+        step_seconds: how long each step takes.
+    """
+
+    def __init__(self, db: StatsDB, *, steps: int = 10, step_seconds: float = 0.5) -> None:
+        self.db = db
+        self.steps = steps
+        self.step_seconds = step_seconds
+        self.runs = 0
+        """How many ingests were started (the expensive part the library saves)."""
+
+    async def ingest_run(self, project_id: str, run_id: str) -> Mapping[str, Any]:
+        self.runs += 1
+        for step in range(self.steps):
+            phase = "LLM calls" if step < self.steps * 0.6 else "writing results"
+            report_progress(step, self.steps, phase)
+            await anyio.sleep(self.step_seconds)
+            if run_id.startswith("fail") and step == self.steps // 2:
+                raise RuntimeError("simulated LLM failure: 503 from the provider")
+        digest = hashlib.sha256(f"{project_id}/{run_id}".encode()).digest()
+        papers = 50 + digest[0]
+        stats = {"papers": papers, "authors": papers * 3 + digest[1], "llm_calls": papers * 2}
+        report_progress(self.steps, self.steps, "authorship statistics")
+        await self.db.save(project_id, run_id, stats)
+        return stats
+
+
+# -- the web application -----------------------------------------------------------
+
+
+class IngestBody(BaseModel):
+    """Body of the Mapping click."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    force_refresh: bool = False
+
+
+def _error(status_code: int, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": message, **extra}, status_code=status_code)
+
+
+def _ingest_of(request: Request) -> IngestPrefetcher:
+    ingest: IngestPrefetcher = request.app.state.ingest
+    return ingest
+
+
+def create_app(
+    database_url: str | None = None,
+    *,
+    pipeline_factory: Callable[[StatsDB], IngestPipeline] | None = None,
+    query_seconds: float = 0.3,
+) -> FastAPI:
+    """The service.
+
+    Args:
+        database_url: where stats are persisted (see :func:`open_stats_db`);
+            None reads ``DATABASE_URL`` when the app starts.
+        pipeline_factory: builds the ingest from the database; the default is
+            :class:`SimulatedPipeline`.
+        query_seconds: how long the simulated Query takes.
+    """
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        db = await open_stats_db(database_url)
+        try:
+            pipeline = (pipeline_factory or SimulatedPipeline)(db)
+            app.state.pipeline = pipeline
+            app.state.db = db
+            # Background ingests yield to demanded ones: at most 4 run at once.
+            async with IngestPrefetcher(
+                pipeline, persisted_stats=db.load, max_concurrency=4
+            ) as ingest:
+                app.state.ingest = ingest
+                yield
+        finally:
+            await db.aclose()
+
+    app = FastAPI(title="prefetch_ingest example", lifespan=lifespan)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = [
+            f"{'.'.join(str(part) for part in error.get('loc', ()))}: {error.get('msg', '')}"
+            for error in exc.errors()
+        ]
+        return _error(422, "invalid request", problems=problems)
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(HERE / "static" / "index.html", media_type="text/html")
+
+    @app.post(RUN + "/query")
+    async def query(request: Request, project_id: Id, run_id: Id) -> dict[str, Any]:
+        await anyio.sleep(query_seconds)  # the real Query
+        started = _ingest_of(request).after_query(project_id, run_id)
+        return {
+            "project_id": project_id,
+            "run_id": run_id,
+            "results": [f"{run_id}-result-{n}" for n in range(3)],
+            "ingest_started": started,
+        }
+
+    @app.post(RUN + "/ingest", response_model=None)
+    async def ingest(
+        request: Request, project_id: Id, run_id: Id, body: IngestBody | None = None
+    ) -> dict[str, Any] | JSONResponse:
+        force = body.force_refresh if body is not None else False
+        try:
+            result = await _ingest_of(request).ingest(project_id, run_id, force_refresh=force)
+        except PrefetcherClosed:
+            return _error(503, "the service is shutting down")
+        except Exception as exc:
+            return _error(502, f"ingest failed: {type(exc).__name__}: {exc}")
+        return {"source": result.source, "persisted": result.persisted, "stats": result.stats}
+
+    @app.get(RUN + "/ingest/status")
+    async def status(request: Request, project_id: Id, run_id: Id) -> dict[str, Any]:
+        return (await _ingest_of(request).status(project_id, run_id)).to_dict()
+
+    @app.get(RUN + "/ingest/events")
+    async def events(request: Request, project_id: Id, run_id: Id) -> StreamingResponse:
+        ingest = _ingest_of(request)
+
+        async def stream() -> AsyncIterator[str]:
+            async for state in ingest.watch(project_id, run_id):
+                yield f"event: status\ndata: {json.dumps(state.to_dict())}\n\n"
+
+        return StreamingResponse(
+            stream(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    return app
+
+
+app = create_app()
+"""For ``uvicorn app:app --app-dir examples/fastapi_service``."""
+
+
+def main() -> None:
+    import uvicorn
+
+    parser = argparse.ArgumentParser(description="Run the prefetch_ingest example service.")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
+    args = parser.parse_args()
+    uvicorn.run(app, host=args.host, port=args.port)
+
+
+if __name__ == "__main__":
+    main()
