@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Hashable
 from datetime import UTC, datetime
 from types import CoroutineType, TracebackType
-from typing import Any, Generic, Self, TypeVar, cast
+from typing import Any, Generic, Self, TypeVar, cast, overload
 
 import anyio
 import anyio.abc
@@ -256,6 +256,15 @@ class _Watch(Generic[K]):
             self._event.set()
 
     async def __anext__(self) -> Snapshot:
+        try:
+            return await self._next()
+        except BaseException:
+            # Cancelled (or failed) while waiting: this iterator is finished,
+            # and unregisters now rather than whenever it is collected.
+            self._end()
+            raise
+
+    async def _next(self) -> Snapshot:
         engine = self._engine
         if not self._started:
             self._started = True
@@ -328,6 +337,36 @@ class Prefetcher(Generic[K, V]):
 
     .. versionadded:: 0.1.0
     """
+
+    @overload
+    def __init__(
+        self: Prefetcher[Any, Any],
+        loader: None = None,
+        *,
+        ttl: float | None = 86400.0,
+        failure_ttl: float = 0.0,
+        refresh_after: float | None = None,
+        max_entries: int | None = None,
+        max_concurrency: int | None = None,
+        cleanup_interval: float = 3600.0,
+        store: SharedStore | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None: ...
+
+    @overload
+    def __init__(
+        self,
+        loader: Callable[[K], Awaitable[V]],
+        *,
+        ttl: float | None = 86400.0,
+        failure_ttl: float = 0.0,
+        refresh_after: float | None = None,
+        max_entries: int | None = None,
+        max_concurrency: int | None = None,
+        cleanup_interval: float = 3600.0,
+        store: SharedStore | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None: ...
 
     def __init__(
         self,
