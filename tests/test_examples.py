@@ -1,0 +1,606 @@
+"""The examples: the FastAPI service (in-process, under uvicorn, in a browser) and the scripts.
+
+The service is exercised with its real databases: a SQLite file, and a fresh
+PostgreSQL database on the server at 127.0.0.1:5432 (or on a private cluster
+started with ``initdb``/``pg_ctl`` when none is reachable). PostgreSQL and the
+browser are skipped with the reason when unavailable, except under ``CI=true``
+where their absence fails the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples"
+SPEC_KEYS = {
+    "status",
+    "background_task",
+    "started_at",
+    "completed_at",
+    "stats",
+    "error",
+    "progress",
+}
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+pytestmark = pytest.mark.anyio
+asyncio_only = pytest.mark.parametrize("anyio_backend", ["asyncio"])
+
+
+def _skip_or_fail(reason: str) -> None:
+    if IN_CI:
+        pytest.fail(f"{reason} (CI=true: required here)")
+    pytest.skip(reason)
+
+
+def _load_service() -> ModuleType:
+    name = "prefetch_ingest_example_service"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / "fastapi_service" / "app.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+service = _load_service()
+
+
+# -- PostgreSQL ---------------------------------------------------------------------
+
+
+def _run_coroutine_in_thread(make: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+    """Run admin work on its own event loop, in its own thread (outside the test's loop)."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(lambda: asyncio.run(make())).result()
+
+
+async def _probe(dsn: str) -> str | None:
+    import asyncpg
+
+    try:
+        connection = await asyncpg.connect(dsn, timeout=5)
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    await connection.close()
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def _private_cluster() -> Iterator[str]:
+    """A throw-away PostgreSQL cluster on a free loopback port (initdb + pg_ctl)."""
+    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
+    if initdb is None or pg_ctl is None:
+        raise RuntimeError("initdb/pg_ctl are not on PATH")
+    base = Path(tempfile.mkdtemp(prefix="prefetch_ingest_pg_"))
+    data = base / "data"
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses to run as root
+        shutil.chown(base, user="postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    port = _free_port()
+    try:
+        subprocess.run(
+            [*as_user, initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        options = f"-p {port} -k {base} -c listen_addresses=127.0.0.1"
+        log = str(base / "log")
+        subprocess.run(
+            [*as_user, pg_ctl, "-D", str(data), "-o", options, "-l", log, "-w", "start"],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        try:
+            yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        finally:
+            subprocess.run(
+                [*as_user, pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"],
+                check=False,
+                capture_output=True,
+                timeout=120,
+            )
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_admin_dsn() -> Iterator[str]:
+    """A PostgreSQL server to create test databases in.
+
+    ``PREFETCH_INGEST_TEST_POSTGRES`` names one; the default is the server at
+    127.0.0.1:5432; when that is unreachable, a private cluster is started.
+    """
+    dsn = os.environ.get(
+        "PREFETCH_INGEST_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
+    )
+    problem = _run_coroutine_in_thread(lambda: _probe(dsn))
+    if problem is None:
+        yield dsn
+        return
+    try:
+        cluster = _private_cluster()
+        private = cluster.__enter__()
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        _skip_or_fail(
+            f"no PostgreSQL: {dsn} is unreachable ({problem}) and a private cluster "
+            f"could not be started ({type(exc).__name__}: {exc})"
+        )
+        return
+    try:
+        yield private
+    finally:
+        cluster.__exit__(None, None, None)
+
+
+@pytest.fixture
+def postgres_url(postgres_admin_dsn: str) -> Iterator[str]:
+    """A fresh, empty database for one test; dropped afterwards."""
+    import asyncpg
+
+    name = f"prefetch_ingest_test_{uuid.uuid4().hex[:12]}"
+
+    async def admin(sql: str) -> None:
+        connection = await asyncpg.connect(postgres_admin_dsn, timeout=10)
+        try:
+            await connection.execute(sql)
+        finally:
+            await connection.close()
+
+    _run_coroutine_in_thread(lambda: admin(f'CREATE DATABASE "{name}"'))
+    try:
+        yield postgres_admin_dsn.rsplit("/", 1)[0] + "/" + name
+    finally:
+        _run_coroutine_in_thread(lambda: admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each database the example supports."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'stats.sqlite3'}"
+    url: str = request.getfixturevalue("postgres_url")
+    return url
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'stats.sqlite3'}"
+
+
+# -- running the service --------------------------------------------------------------
+
+
+class Gate:
+    """Holds each ingest of the example's pipeline until released."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.started = anyio.Event()
+        self.release = anyio.Event()
+
+    @property
+    def runs(self) -> int:
+        runs: int = self.inner.runs
+        return runs
+
+    async def ingest_run(self, project_id: str, run_id: str) -> Mapping[str, Any]:
+        self.started.set()
+        await self.release.wait()
+        stats: Mapping[str, Any] = await self.inner.ingest_run(project_id, run_id)
+        return stats
+
+
+def quick_pipeline(db: Any) -> Any:
+    return service.SimulatedPipeline(db, steps=4, step_seconds=0.01)
+
+
+def gated_pipeline(db: Any) -> Gate:
+    return Gate(quick_pipeline(db))
+
+
+def make_app(url: str, factory: Callable[[Any], Any] = quick_pipeline) -> Any:
+    return service.create_app(url, pipeline_factory=factory, query_seconds=0.0)
+
+
+@contextlib.asynccontextmanager
+async def in_process(app: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """The app with its lifespan entered, behind httpx's ASGI transport."""
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://service") as client:
+            yield client
+
+
+def run_path(project_id: str, run_id: str) -> str:
+    return f"/api/projects/{project_id}/runs/{run_id}"
+
+
+def parse_sse(text: str) -> list[dict[str, Any]]:
+    """The ``status`` events of a server-sent-events body, decoded."""
+    events = []
+    for block in text.split("\n\n"):
+        if not block.strip():
+            continue
+        fields = dict(line.split(": ", 1) for line in block.splitlines())
+        assert fields["event"] == "status"
+        events.append(json.loads(fields["data"]))
+    return events
+
+
+async def follow_to_the_end(client: httpx.AsyncClient, path: str) -> list[dict[str, Any]]:
+    with anyio.fail_after(30):
+        response = await client.get(path + "/ingest/events")
+    assert response.status_code == 200
+    return parse_sse(response.text)
+
+
+# -- the service, in process -------------------------------------------------------------
+
+
+@asyncio_only
+async def test_query_starts_the_ingest_and_the_click_after_it_finished_is_a_hit(
+    database_url: str,
+) -> None:
+    app = make_app(database_url)
+    async with in_process(app) as client:
+        query = await client.post(run_path("p", "r") + "/query")
+        assert query.status_code == 200
+        assert query.json()["ingest_started"] is True
+        events = await follow_to_the_end(client, run_path("p", "r"))
+        assert events[-1]["status"] == "completed"
+        mapping = await client.post(run_path("p", "r") + "/ingest", json={"force_refresh": False})
+        assert mapping.status_code == 200
+        body = mapping.json()
+        assert body["source"] == "hit"
+        status = (await client.get(run_path("p", "r") + "/ingest/status")).json()
+        assert status["status"] == "completed"
+        assert status["background_task"] is True
+        assert status["stats"] == body["stats"]
+        assert app.state.pipeline.runs == 1
+        assert await app.state.db.load("p", "r") == body["stats"]
+
+
+@asyncio_only
+async def test_a_click_while_the_ingest_runs_joins_it(database_url: str) -> None:
+    app = make_app(database_url, gated_pipeline)
+    async with in_process(app) as client:
+        await client.post(run_path("p", "r") + "/query")
+        gate: Gate = app.state.pipeline
+        answers: list[httpx.Response] = []
+
+        async def click() -> None:
+            answers.append(await client.post(run_path("p", "r") + "/ingest", json={}))
+
+        with anyio.fail_after(30):
+            await gate.started.wait()
+            running = (await client.get(run_path("p", "r") + "/ingest/status")).json()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(click)
+                await anyio.wait_all_tasks_blocked()
+                gate.release.set()
+        assert running["status"] == "running"
+        assert [a.json()["source"] for a in answers] == ["joined"]
+        assert gate.runs == 1
+
+
+@asyncio_only
+async def test_force_refresh_runs_the_ingest_again(database_url: str) -> None:
+    app = make_app(database_url)
+    async with in_process(app) as client:
+        first = await client.post(run_path("p", "r") + "/ingest")
+        again = await client.post(run_path("p", "r") + "/ingest", json={"force_refresh": True})
+        cached = await client.post(run_path("p", "r") + "/ingest", json={"force_refresh": False})
+    assert [r.json()["source"] for r in (first, again, cached)] == ["ran", "ran", "hit"]
+    assert app.state.pipeline.runs == 2
+
+
+@asyncio_only
+async def test_a_restarted_service_reports_a_persisted_run_completed_without_background_task(
+    database_url: str,
+) -> None:
+    before = make_app(database_url)
+    async with in_process(before) as client:
+        ran = (await client.post(run_path("p", "r") + "/ingest")).json()
+    after = make_app(database_url)
+    async with in_process(after) as client:
+        status = (await client.get(run_path("p", "r") + "/ingest/status")).json()
+        events = await follow_to_the_end(client, run_path("p", "r"))
+        mapping = (await client.post(run_path("p", "r") + "/ingest")).json()
+        other = (await client.get(run_path("p", "other") + "/ingest/status")).json()
+    assert status == {
+        "status": "completed",
+        "background_task": False,
+        "started_at": None,
+        "completed_at": None,
+        "stats": ran["stats"],
+        "error": None,
+        "progress": None,
+    }
+    assert events == [status]
+    assert mapping == {"source": "hit", "persisted": True, "stats": ran["stats"]}
+    assert other["status"] == "not_started"
+    assert after.state.pipeline.runs == 0
+
+
+@asyncio_only
+async def test_the_events_stream_reports_progress_then_completion(sqlite_url: str) -> None:
+    app = make_app(sqlite_url)
+    async with in_process(app) as client:
+        await client.post(run_path("p", "r") + "/query")
+        with anyio.fail_after(30):
+            response = await client.get(run_path("p", "r") + "/ingest/events")
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert response.headers["cache-control"] == "no-cache"
+    events = parse_sse(response.text)
+    assert all(set(e) == SPEC_KEYS for e in events)
+    assert [e["status"] for e in events][-1] == "completed"
+    assert all(e["status"] in ("pending", "running") for e in events[:-1])
+    progress = [e["progress"] for e in events if e["progress"] is not None]
+    assert progress
+    assert all(p["total"] == 4 for p in progress)
+
+
+@asyncio_only
+async def test_a_failed_run_is_reported_failed_and_the_click_answers_502(sqlite_url: str) -> None:
+    app = make_app(sqlite_url)
+    async with in_process(app) as client:
+        await client.post(run_path("p", "fail-1") + "/query")
+        events = await follow_to_the_end(client, run_path("p", "fail-1"))
+        status = (await client.get(run_path("p", "fail-1") + "/ingest/status")).json()
+        mapping = await client.post(run_path("p", "fail-1") + "/ingest")
+        healthy = await client.post(run_path("p", "fine") + "/ingest")
+    assert events[-1]["status"] == "failed"
+    assert status["status"] == "failed"
+    assert status["error"] == "RuntimeError: simulated LLM failure: 503 from the provider"
+    assert status["stats"] is None
+    assert mapping.status_code == 502
+    assert mapping.json() == {
+        "error": "ingest failed: RuntimeError: simulated LLM failure: 503 from the provider"
+    }
+    assert healthy.status_code == 200
+
+
+@asyncio_only
+async def test_a_run_of_one_project_is_invisible_through_another_project(
+    sqlite_url: str,
+) -> None:
+    app = make_app(sqlite_url)
+    async with in_process(app) as client:
+        await client.post(run_path("alpha", "r1") + "/query")
+        await follow_to_the_end(client, run_path("alpha", "r1"))
+        beta = (await client.get(run_path("beta", "r1") + "/ingest/status")).json()
+        beta_run = (await client.post(run_path("beta", "r1") + "/ingest")).json()
+        alpha_run = (await client.post(run_path("alpha", "r1") + "/ingest")).json()
+    assert beta["status"] == "not_started"
+    assert beta_run["source"] == "ran"
+    assert alpha_run["source"] == "hit"
+    assert beta_run["stats"] != alpha_run["stats"]
+    assert app.state.pipeline.runs == 2
+
+
+BAD_IDS = ["a b", "x" * 65, "-leading-dash", "semi;colon", "caf\u00e9"]
+
+
+@asyncio_only
+@pytest.mark.parametrize("bad", BAD_IDS)
+@pytest.mark.parametrize(
+    ("method", "suffix"),
+    [("POST", "/query"), ("POST", "/ingest"), ("GET", "/ingest/status"), ("GET", "/ingest/events")],
+)
+async def test_bad_ids_answer_422_with_a_json_error(
+    sqlite_url: str, bad: str, method: str, suffix: str
+) -> None:
+    app = make_app(sqlite_url)
+    async with in_process(app) as client:
+        for path in (run_path(bad, "r"), run_path("p", bad)):
+            response = await client.request(method, path + suffix)
+            assert response.status_code == 422, (path, response.text)
+            assert response.json()["error"] == "invalid request"
+    assert app.state.pipeline.runs == 0
+
+
+@asyncio_only
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"force_refresh": "yes"}',
+        b'{"force_refresh": 1}',
+        b'{"force_refresh": null}',
+        b'{"force_refresh": true, "extra": 1}',
+        b"[true]",
+        b'"true"',
+        b"{",
+    ],
+)
+async def test_bad_bodies_answer_422_with_a_json_error(sqlite_url: str, body: bytes) -> None:
+    app = make_app(sqlite_url)
+    async with in_process(app) as client:
+        response = await client.post(
+            run_path("p", "r") + "/ingest",
+            content=body,
+            headers={"content-type": "application/json"},
+        )
+    assert response.status_code == 422, response.text
+    assert response.json()["error"] == "invalid request"
+    assert response.json()["problems"]
+    assert app.state.pipeline.runs == 0
+
+
+@asyncio_only
+async def test_the_page_is_served_with_its_progress_bar_and_event_stream(
+    sqlite_url: str,
+) -> None:
+    app = make_app(sqlite_url)
+    async with in_process(app) as client:
+        response = await client.get("/")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/html")
+    assert '<progress id="bar"' in response.text
+    assert "new EventSource(" in response.text
+
+
+# -- the service under uvicorn, and in a browser ---------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def under_uvicorn(app: Any) -> AsyncIterator[str]:
+    """Serve ``app`` with uvicorn on a free loopback port; yield its base URL."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)  # listening already: clients may connect before uvicorn accepts
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_config=None))
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: server.serve(sockets=[sock]))
+            try:
+                yield f"http://127.0.0.1:{port}"
+            finally:
+                server.should_exit = True
+    finally:
+        sock.close()
+
+
+@asyncio_only
+async def test_the_service_under_uvicorn_streams_events_and_serves_the_hit(
+    sqlite_url: str,
+) -> None:
+    app = make_app(sqlite_url)
+    with anyio.fail_after(60):
+        async with under_uvicorn(app) as base, httpx.AsyncClient(base_url=base) as client:
+            query = await client.post(run_path("p", "r") + "/query")
+            assert query.json()["ingest_started"] is True
+            statuses = []
+            async with client.stream("GET", run_path("p", "r") + "/ingest/events") as stream:
+                assert stream.headers["content-type"].startswith("text/event-stream")
+                async for line in stream.aiter_lines():
+                    if line.startswith("data: "):
+                        statuses.append(json.loads(line.removeprefix("data: "))["status"])
+            mapping = (await client.post(run_path("p", "r") + "/ingest")).json()
+            bad = await client.post(run_path("p", "r") + "/ingest", content=b"{")
+    assert statuses[-1] == "completed"
+    assert mapping["source"] == "hit"
+    assert bad.status_code == 422
+    assert app.state.pipeline.runs == 1
+
+
+def _browser() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        found = shutil.which(name)
+        if found is not None:
+            return found
+    return None
+
+
+@asyncio_only
+async def test_the_page_in_headless_chromium_ends_with_a_full_progress_bar(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    browser = _browser()
+    if browser is None:
+        _skip_or_fail("no Chromium installed (apt-get install -y chromium)")
+        return
+    app = service.create_app(
+        sqlite_url,
+        pipeline_factory=lambda db: service.SimulatedPipeline(db, steps=5, step_seconds=0.05),
+        query_seconds=0.0,
+    )
+    with anyio.fail_after(120):
+        async with under_uvicorn(app) as base:
+            # The page runs the Query, follows the event stream and closes it on
+            # completion; with a virtual-time budget, headless Chromium dumps the
+            # DOM only once no request is pending any more.
+            done = await anyio.run_process(
+                [
+                    browser,
+                    "--headless",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--disable-quic",
+                    "--no-first-run",
+                    "--disable-background-networking",
+                    "--disable-component-update",
+                    "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}",
+                    "--virtual-time-budget=60000",
+                    "--dump-dom",
+                    f"{base}/?project=browser&run=run-1&auto=1",
+                ],
+                check=False,
+            )
+            async with httpx.AsyncClient(base_url=base) as client:
+                status = (await client.get(run_path("browser", "run-1") + "/ingest/status")).json()
+    dom = done.stdout.decode()
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert re.search(r'<progress id="bar" max="100" value="100">', dom), dom[-2000:]
+    assert 'data-final="completed"' in dom
+    assert '<output id="state">completed</output>' in dom
+    assert status["status"] == "completed"
+    assert status["background_task"] is True
+
+
+# -- the scripts ----------------------------------------------------------------------------
+
+
+def test_plain_asyncio_example_joins_then_hits_and_builds_once() -> None:
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "plain_asyncio.py")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "sales is running" in done.stdout
+    assert "5 concurrent gets of stock, 1 build" in done.stdout
+    assert done.stderr == "" or "prefetch." in done.stderr
+
+
+def test_trio_example_follows_progress_and_survives_a_timeout() -> None:
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "trio_example.py")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "b.png: b'<8px thumbnail of b.png>'" in done.stdout
+    assert "d.png: gave up waiting; its render goes on" in done.stdout
+    assert "d.png: completed b'<50px thumbnail of d.png>'" in done.stdout
