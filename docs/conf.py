@@ -1,0 +1,40 @@
+"""Sphinx configuration: Markdown pages (MyST) and an API reference from the docstrings.
+
+Build with ``sphinx-build -W -b html docs docs/_build/html``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+
+project = "prefetch_ingest"
+author = "prefetch_ingest developers"
+copyright = "prefetch_ingest developers"  # noqa: A001 - Sphinx's name for it
+
+extensions = [
+    "myst_parser",
+    "sphinx.ext.autodoc",
+    "sphinx.ext.napoleon",
+]
+source_suffix = {".md": "markdown"}
+root_doc = "index"
+exclude_patterns = ["_build", "Thumbs.db", ".DS_Store"]
+
+# Docstrings are Google style ("Args:", "Attributes:"); attributes become
+# :ivar: fields so that they do not clash with autodoc's own member entries.
+napoleon_google_docstring = True
+napoleon_numpy_docstring = False
+napoleon_use_ivar = True
+autodoc_member_order = "bysource"
+autodoc_typehints = "description"
+autodoc_typehints_description_target = "documented_params"
+autodoc_preserve_defaults = True
+
+myst_enable_extensions = ["colon_fence", "deflist"]
+myst_heading_anchors = 3
+
+html_theme = "alabaster"
+html_title = "prefetch_ingest"
