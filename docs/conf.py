@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 project = "prefetch_ingest"
 author = "prefetch_ingest developers"
-copyright = "prefetch_ingest developers"  # noqa: A001 - Sphinx's name for it
+copyright = "prefetch_ingest developers"
 
 extensions = [
     "myst_parser",
