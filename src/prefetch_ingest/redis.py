@@ -326,7 +326,6 @@ class RedisStore:
         self._scripts: dict[str, Any] = {}
         self._ttl_ms: int | None = None
         self._failure_ttl_ms = 0
-        self._ttl: float | None = None
         self._names_cache: dict[Hashable, Names] = {}
         self._signals: dict[str, _Signal] = {}
         self._owned: dict[str, _Ownership] = {}
@@ -351,8 +350,13 @@ class RedisStore:
         _require_asyncio()
         if self._client is not None:
             raise RuntimeError("this RedisStore is already open; one Prefetcher uses one store")
-        self._ttl = None if ttl is None else _duration("ttl", ttl, allow_zero=False)
-        self._ttl_ms = None if ttl is None else _ms(ttl)
+        if ttl is None:
+            self._ttl_ms = None
+        else:
+            # ttl 0 ("do not keep"): the value stays readable briefly, for the
+            # processes that were waiting on that very run
+            seconds = _duration("ttl", ttl, allow_zero=True)
+            self._ttl_ms = _ms(seconds) if seconds else max(1000, 2 * _ms(self._poll))
         fttl = _duration("failure_ttl", failure_ttl, allow_zero=True)
         self._failure_ttl_ms = 0 if fttl == 0 else _ms(fttl)
         if self._given is not None:
