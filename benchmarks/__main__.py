@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
-from ._cli import main
+if __name__ == "__main__":  # not when multiprocessing's spawn re-imports it
+    from ._cli import main
 
-raise SystemExit(main())
+    raise SystemExit(main())

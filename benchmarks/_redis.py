@@ -1,10 +1,380 @@
-"""Scenario 7: the Redis store (written below)."""
+"""Scenario 7: prefetch_ingest with its Redis store, against redis-py's bare ``GET``.
+
+The benchmark starts its own ``redis-server`` (no persistence) on a free
+loopback port in a temporary directory and stops it afterwards; it never
+touches a Redis it did not start.
+
+- commands per hit and per cold load: ``CONFIG RESETSTAT``, the calls, then
+  the sum of ``INFO commandstats`` (leaving out ``INFO``/``CONFIG`` themselves);
+- hit latency: ``await pf.get(key)`` of a completed key in a loop, against
+  ``await client.get(name)`` in the same loop (the floor of a networked hit),
+  interleaved, medians;
+- one cold key, P processes x C concurrent callers each, released together by
+  a barrier: how many times the loader ran across all processes.
+"""
 
 from __future__ import annotations
 
-from ._results import ScenarioResult
+import multiprocessing
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import anyio
+
+from ._results import Check, Row, ScenarioResult, median
 from ._scenarios import Progress, Sizes
+
+__all__ = ["redis_scenario"]
+
+TITLE = "7. Redis store: one redis-server on loopback"
+_SKIP_COMMANDS = ("info", "config", "ping", "client", "hello")
+
+
+# ---------------------------------------------------------------------------
+# a private redis-server
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@contextmanager
+def _redis_server(binary: str) -> Iterator[str]:
+    with tempfile.TemporaryDirectory(prefix="pi-bench-redis-") as workdir:
+        port = _free_port()
+        proc = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                workdir,
+                "--maxmemory-policy",
+                "noeviction",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 10.0
+            while True:
+                try:
+                    with socket.create_connection(("127.0.0.1", port), timeout=0.5) as c:
+                        c.sendall(b"PING\r\n")
+                        if c.recv(16).startswith(b"+PONG"):
+                            break
+                except OSError:
+                    pass
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server did not start on port {port}")
+                time.sleep(0.05)
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+# ---------------------------------------------------------------------------
+# counting commands
+
+
+async def _reset_stats(admin: Any) -> None:
+    await admin.config_resetstat()
+
+
+async def _commands(admin: Any) -> dict[str, int]:
+    info: dict[str, Any] = await admin.info("commandstats")
+    out: dict[str, int] = {}
+    for name, stats in info.items():
+        command = name.removeprefix("cmdstat_")
+        if command.split("|")[0] in _SKIP_COMMANDS:
+            continue
+        out[command] = int(stats["calls"])
+    return out
+
+
+def _counting_client(url: str) -> Any:
+    """A redis.asyncio client that counts the commands it sends (its round trips)."""
+    import redis.asyncio as aioredis
+
+    class CountingRedis(aioredis.Redis):
+        sent: dict[str, int]
+
+        async def execute_command(self, *args: Any, **options: Any) -> Any:
+            name = str(args[0]).lower()
+            self.sent[name] = self.sent.get(name, 0) + 1
+            return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+
+    client: Any = CountingRedis.from_url(url)
+    client.sent = {}
+    return client
+
+
+def _describe(counts: dict[str, int], per: int) -> str:
+    return ", ".join(f"{n} {c / per:.2f}" for n, c in sorted(counts.items())) or "none"
+
+
+# ---------------------------------------------------------------------------
+# P processes x C callers
+
+
+def _cross_worker(
+    url: str,
+    keys: list[str],
+    callers: int,
+    sleep: float,
+    barrier: Any,
+    results: Any,
+) -> None:
+    """One process: for each key, wait at the barrier, then ``callers`` concurrent gets."""
+    import asyncio
+
+    from prefetch_ingest import Prefetcher
+    from prefetch_ingest.redis import RedisStore
+
+    runs = 0
+    served = 0
+
+    async def load(key: str) -> str:
+        nonlocal runs
+        runs += 1
+        await asyncio.sleep(sleep)
+        return "value:" + key
+
+    async def main() -> None:
+        nonlocal served
+        async with Prefetcher(load, store=RedisStore(url, lease=10.0)) as pf:
+
+            async def caller(key: str) -> None:
+                nonlocal served
+                if await pf.get(key) == "value:" + key:
+                    served += 1
+
+            for key in keys:
+                await anyio.to_thread.run_sync(barrier.wait)
+                async with anyio.create_task_group() as tg:
+                    for _ in range(callers):
+                        tg.start_soon(caller, key)
+
+    try:
+        asyncio.run(main())
+    finally:
+        results.put((os.getpid(), runs, served))
+
+
+def _cross_processes(
+    url: str, processes: int, callers: int, rounds: int, sleep: float
+) -> tuple[int, int, list[int]]:
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(processes)
+    results = ctx.Queue()
+    keys = [f"cross-{os.getpid()}-{i}" for i in range(rounds)]
+    procs = [
+        ctx.Process(target=_cross_worker, args=(url, keys, callers, sleep, barrier, results))
+        for _ in range(processes)
+    ]
+    for p in procs:
+        p.start()
+    got = [results.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+    runs = sum(r[1] for r in got)
+    served = sum(r[2] for r in got)
+    return runs, served, [r[1] for r in got]
+
+
+# ---------------------------------------------------------------------------
+# the scenario
 
 
 async def redis_scenario(sizes: Sizes, say: Progress) -> ScenarioResult:
-    return ScenarioResult("redis", "7. Redis store", "µs/hit", [], skipped="not written yet")
+    binary = shutil.which("redis-server")
+    if binary is None:
+        return ScenarioResult("redis", TITLE, "µs/hit", [], skipped="redis-server not found")
+    try:
+        import redis.asyncio as aioredis
+
+        from prefetch_ingest import Prefetcher
+        from prefetch_ingest.redis import RedisStore
+    except ImportError as exc:
+        return ScenarioResult("redis", TITLE, "µs/hit", [], skipped=f"cannot import: {exc}")
+
+    say("redis ...")
+    with _redis_server(binary) as url:
+        admin = aioredis.Redis.from_url(url)
+        bare = aioredis.Redis.from_url(url)
+        try:
+            return await _measure(url, admin, bare, Prefetcher, RedisStore, sizes, say)
+        finally:
+            await admin.aclose()
+            await bare.aclose()
+
+
+async def _measure(
+    url: str,
+    admin: Any,
+    bare: Any,
+    prefetcher: Any,
+    store: Any,
+    sizes: Sizes,
+    say: Progress,
+) -> ScenarioResult:
+    hits = sizes.redis_hits
+    cold = max(10, hits // 100)
+    runs = 0
+
+    async def load(key: str) -> str:
+        nonlocal runs
+        runs += 1
+        return "value:" + key
+
+    ours_samples: list[float] = []
+    bare_samples: list[float] = []
+    client = _counting_client(url)
+    async with prefetcher(load, store=store(client)) as pf:
+        key = "hot"
+        await pf.get(key)
+        await bare.set("bare-hot", b'"value:hot"')
+
+        # commands per hit: sent by the client (round trips), run by the server
+        await _reset_stats(admin)
+        client.sent.clear()
+        for _ in range(hits):
+            await pf.get(key)
+        per_hit = await _commands(admin)
+        sent_hit = dict(client.sent)
+        # commands per cold load
+        await _reset_stats(admin)
+        client.sent.clear()
+        for i in range(cold):
+            await pf.get(f"cold-{i}")
+        per_cold = await _commands(admin)
+        sent_cold = dict(client.sent)
+
+        # latency, interleaved
+        for r in range(sizes.redis_repeats):
+            for which in ("ours", "bare") if r % 2 == 0 else ("bare", "ours"):
+                start = time.perf_counter()
+                if which == "ours":
+                    for _ in range(hits):
+                        await pf.get(key)
+                    ours_samples.append((time.perf_counter() - start) / hits)
+                else:
+                    for _ in range(hits):
+                        await bare.get("bare-hot")
+                    bare_samples.append((time.perf_counter() - start) / hits)
+    await client.aclose()
+    say("redis: commands and latency done")
+
+    cross_sleep = 0.2
+    cross_runs, cross_served, per_process = await anyio.to_thread.run_sync(
+        _cross_processes,
+        url,
+        sizes.redis_processes,
+        sizes.redis_callers,
+        sizes.redis_repeats,
+        cross_sleep,
+    )
+    say("redis: cross-process stampede done")
+    rounds = sizes.redis_repeats
+    callers_total = sizes.redis_processes * sizes.redis_callers
+    cmds_hit = sum(per_hit.values()) / hits
+    cmds_cold = sum(per_cold.values()) / cold
+    trips_hit = sum(sent_hit.values()) / hits
+    trips_cold = sum(sent_cold.values()) / cold
+    ours_us = median(ours_samples) * 1e6
+    bare_us = median(bare_samples) * 1e6
+    desc = f"{sizes.redis_processes} processes x {sizes.redis_callers} callers, {rounds} round(s)"
+    rows = [
+        Row(
+            "redis-py GET (bare)",
+            "floor",
+            bare_us,
+            samples=[x * 1e6 for x in bare_samples],
+            extra={"hits_per_s": 1e6 / bare_us, "trips_per_hit": 1.0, "cmds_per_hit": 1.0},
+        ),
+        Row(
+            "prefetch_ingest",
+            "ours",
+            ours_us,
+            samples=[x * 1e6 for x in ours_samples],
+            extra={
+                "hits_per_s": 1e6 / ours_us,
+                "cmds_per_hit": cmds_hit,
+                "cmds_per_cold": cmds_cold,
+                "trips_per_hit": trips_hit,
+                "trips_per_cold": trips_cold,
+                "hit_cmds": _describe(per_hit, hits),
+                "cold_cmds": _describe(per_cold, cold),
+                "cross_executions": cross_runs // max(rounds, 1)
+                if cross_runs % max(rounds, 1) == 0
+                else cross_runs,
+                "cross_served": cross_served,
+                "cross_desc": desc,
+            },
+        ),
+    ]
+    checks = [
+        Check(
+            f"redis: one execution per cold key across {desc}, every caller served",
+            cross_runs == rounds and cross_served == callers_total * rounds,
+            f"{cross_runs} executions for {rounds} key(s) (per process {per_process}), "
+            f"{cross_served} of {callers_total * rounds} served",
+        ),
+        Check(
+            "redis: a hit costs one round trip and one command",
+            trips_hit <= 1.0 and cmds_hit <= 1.0,
+            f"sent {_describe(sent_hit, hits)}; ran {_describe(per_hit, hits)}",
+        ),
+    ]
+    return ScenarioResult(
+        "redis",
+        TITLE,
+        "µs/hit",
+        rows,
+        columns=[
+            ("hits_per_s", "hits/s", ",.0f"),
+            ("trips_per_hit", "round trips/hit", ".2f"),
+            ("cmds_per_hit", "cmds/hit", ".2f"),
+            ("trips_per_cold", "round trips/cold", ".2f"),
+            ("cmds_per_cold", "cmds/cold", ".2f"),
+            ("cross_executions", "cross-process executions", "d"),
+        ],
+        notes=[
+            f"Round trips: commands the store's client sent (counted in a redis.asyncio "
+            f"subclass); per hit ({hits:,} gets of one completed key): "
+            f"{_describe(sent_hit, hits)}; per cold load ({cold} new keys, one at a time): "
+            f"{_describe(sent_cold, cold)}.",
+            f"Commands: what the server ran, INFO commandstats after CONFIG RESETSTAT, "
+            f"commands inside Lua scripts included; per hit: {_describe(per_hit, hits)}; "
+            f"per cold load: {_describe(per_cold, cold)}.",
+            f"Cross-process: {desc}, one new key per round, released together by a "
+            f"barrier, loader sleeping {cross_sleep:g} s; executions counted in the loaders "
+            f"of all processes (per round).",
+            "Latency: one coroutine, sequential awaits on one connection each; no peer is "
+            "measured on Redis (the floor is redis-py itself).",
+        ],
+        checks=checks,
+        floor_name="redis-py GET (bare)",
+        floor_header="x bare GET",
+    )
