@@ -24,6 +24,10 @@ import trio.testing
 from prefetch_ingest.__main__ import build_parser, main
 from prefetch_ingest._demo import DemoConfig, DemoSummary, run_demo
 
+from .redis_server import RedisServer, redis_server_fixture
+
+redis_server = redis_server_fixture()
+
 DEMO = [sys.executable, "-m", "prefetch_ingest", "demo"]
 FAST = ["--scale", "0.001"]
 
@@ -113,6 +117,32 @@ def test_demo_log_level_option_sends_the_library_logs_to_stderr() -> None:
     assert "prefetch." not in done.stdout
 
 
+@pytest.mark.redis
+def test_demo_with_redis_runs_two_instances_and_leaves_no_keys(redis_server: RedisServer) -> None:
+    done = subprocess.run(
+        [*DEMO, *FAST, "--redis", redis_server.url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Two instances share Redis" in done.stdout
+    assert "Query answered by A" in done.stdout
+    assert "user clicks Mapping on B" in done.stdout
+    for outcome in ("(hit)", "(joined)", "(ran)"):
+        assert f"Mapping answered {outcome}" in done.stdout
+    assert "hit ratio: 67% (1 hit, 1 joined, 1 ran, of 3 clicks)" in done.stdout
+    assert redis_server.command("KEYS", "prefetch_ingest_demo_*:*") == []
+
+
+def test_demo_refuses_redis_on_trio(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--redis", "redis://127.0.0.1:1/0", "--backend", "trio"])
+    assert exit_info.value.code == 2
+    assert "--redis runs on asyncio only" in capsys.readouterr().err
+
+
 def _run_in_terminal(args: list[str]) -> str:
     primary, secondary = os.openpty()
     try:
@@ -159,7 +189,7 @@ def test_help_explains_every_option() -> None:
     )
     text = demo.format_help()
     options = [a for a in demo._actions if a.option_strings and a.dest != "help"]
-    assert {a.dest for a in options} >= {"scale", "seed", "no_progress"}
+    assert {a.dest for a in options} >= {"scale", "seed", "no_progress", "redis"}
     for action in options:
         assert action.help, action.dest
         assert action.option_strings[0] in text

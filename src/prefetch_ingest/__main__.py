@@ -85,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="the event loop to run on",
     )
     demo.add_argument(
+        "--redis",
+        metavar="URL",
+        default=None,
+        help="run two instances sharing the Redis at URL (redis://host:port/db): A answers "
+        "Query and runs the background ingest, B answers the Mapping click; needs the "
+        "'redis' extra and --backend asyncio; the demo's keys are removed at the end",
+    )
+    demo.add_argument(
         "--log-level",
         choices=_LOG_LEVELS,
         default="error",
@@ -106,8 +114,11 @@ def _configure_logging(level: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m prefetch_ingest`` and the ``prefetch-ingest`` script."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command == "demo":
+        if args.redis is not None and args.backend != "asyncio":
+            parser.error("--redis runs on asyncio only (the Redis store is asyncio-only)")
         import functools
 
         import anyio
@@ -121,11 +132,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             query_s=args.query_seconds,
             ingest_s=args.ingest_seconds,
             progress=not args.no_progress and sys.stdout.isatty(),
+            redis_url=args.redis,
         )
         try:
             anyio.run(functools.partial(run_demo, config), backend=args.backend)
         except KeyboardInterrupt:
             return 130
+        except ImportError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
         return 0
     return 2  # pragma: no cover - argparse rejects unknown commands
 

@@ -21,8 +21,11 @@ time only through :func:`anyio.current_time`, so a test can run it on trio's
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import random
 import sys
+import uuid
 from collections.abc import Mapping
 from typing import Any, TextIO
 
@@ -56,6 +59,9 @@ class DemoConfig:
         query_s: simulated duration of Query.
         ingest_s: simulated duration of one ingest.
         progress: draw a live progress line (only sensible on a terminal).
+        redis_url: run two instances sharing this Redis (asyncio only):
+            instance A answers the Query and runs the background ingest,
+            instance B answers the Mapping click.
     """
 
     scale: float = 0.01
@@ -63,6 +69,7 @@ class DemoConfig:
     query_s: float = 2.0
     ingest_s: float = 120.0
     progress: bool = False
+    redis_url: str | None = None
 
 
 @attrs.frozen
@@ -94,7 +101,12 @@ class ScenarioResult:
 
 @attrs.frozen
 class DemoSummary:
-    """The three timelines' outcomes and the Prefetcher's counters."""
+    """The three timelines' outcomes.
+
+    ``hits``, ``joins`` and ``misses`` count the clicks by how they were
+    served; ``hit_ratio`` is the share served without running an ingest (on
+    one instance, the same as the Prefetcher's own ``Stats.hit_ratio``).
+    """
 
     scenarios: tuple[ScenarioResult, ...]
     hits: int
@@ -233,12 +245,14 @@ class _Timeline:
         )
 
 
-async def _follow(ingest: IngestPrefetcher, tl: _Timeline, completed: anyio.Event) -> None:
+async def _follow(
+    ingest: IngestPrefetcher, tl: _Timeline, completed: anyio.Event, *, again: bool, prefix: str
+) -> None:
     """Print each load's end, and draw the progress line, until cancelled.
 
-    ``watch`` ends after a terminal status; a later load of the same key (the
-    fallback of timeline 3) is followed by watching again. ``completed`` is
-    set once a completion has been printed.
+    ``watch`` ends after a terminal status; with ``again``, a later load of
+    the same key (the fallback of timeline 3) is followed by watching again.
+    ``completed`` is set once a completion has been printed.
     """
     key = (PROJECT, tl.run_id)
     seen: tuple[Any, ...] | None = None
@@ -248,23 +262,25 @@ async def _follow(ingest: IngestPrefetcher, tl: _Timeline, completed: anyio.Even
             ident = (snapshot.status, snapshot.started_at, snapshot.completed_at)
             if ident != seen:
                 fresh = True
+                who = "background" if snapshot.background else "on-demand"
                 if snapshot.status is Status.COMPLETED:
-                    who = "background" if snapshot.background else "on-demand"
-                    tl.event(f"{who} ingest completed: {dict(snapshot.result)}")
+                    tl.event(f"{prefix}{who} ingest completed: {dict(snapshot.result)}")
                     completed.set()
                 elif snapshot.status is Status.FAILED:
-                    who = "background" if snapshot.background else "on-demand"
-                    tl.event(f"{who} ingest failed: {snapshot.error}")
+                    tl.event(f"{prefix}{who} ingest failed: {snapshot.error}")
                 seen = ident
             if snapshot.status is Status.RUNNING:
                 tl.show_progress(snapshot)
+        if not again:
+            completed.set()
+            return
         if not fresh:
             # Only the old terminal state so far: the next load has not started yet.
             await anyio.sleep(tl.config.scale)
 
 
 async def _scenario(
-    ingest: IngestPrefetcher,
+    sides: tuple[IngestPrefetcher, IngestPrefetcher],
     screen: _Screen,
     config: DemoConfig,
     pipeline: SimulatedPipeline,
@@ -272,23 +288,38 @@ async def _scenario(
     title: str,
     label: str,
     click_after_s: float,
+    settled: bool,
 ) -> ScenarioResult:
+    query_side, ingest = sides
     run_id = f"run-{number}"
     screen.print(f"Timeline {number}: {title}")
     tl = _Timeline(screen, config, run_id)
     async with anyio.create_task_group() as tg:
         tl.event(f"user runs Query for {run_id}")
         await tl.sleep(config.query_s)
-        started = ingest.after_query(PROJECT, run_id)
+        started = query_side.after_query(PROJECT, run_id)
         tl.event(
-            "Query answered; background ingest "
+            ("Query answered" if query_side is ingest else "Query answered by A")
+            + "; background ingest "
             + ("started" if started else "not started (already known)")
         )
         completed = anyio.Event()
-        tg.start_soon(_follow, ingest, tl, completed)
+        if query_side is ingest:
+            tg.start_soon(functools.partial(_follow, ingest, tl, completed, again=True, prefix=""))
+        else:
+            # Two instances: follow the background run on A, which ran it; B's
+            # own fallback run (timeline 3) shows only in its answer.
+            tg.start_soon(
+                functools.partial(_follow, query_side, tl, completed, again=False, prefix="A: ")
+            )
         await tl.sleep(click_after_s)
+        if settled:
+            # The timeline is defined by the background run having ended before
+            # the click; on a slow machine, make sure it has.
+            await query_side.prefetcher.wait((PROJECT, run_id))
         status = await ingest.prefetcher.status((PROJECT, run_id))
-        tl.event(f"user clicks Mapping; the run is {tl.describe(status)}")
+        where = "" if query_side is ingest else " on B"
+        tl.event(f"user clicks Mapping{where}; the run is {tl.describe(status)}")
         clicked = tl.now()
         result = await ingest.ingest(PROJECT, run_id)
         waited = tl.now() - clicked
@@ -319,54 +350,87 @@ async def run_demo(config: DemoConfig, out: TextIO | None = None) -> DemoSummary
     )
     screen.print()
     results = []
-    async with IngestPrefetcher(pipeline, clock=anyio.current_time) as ingest:
-        results.append(
-            await _scenario(
-                ingest,
-                screen,
-                config,
-                pipeline,
-                1,
+    async with contextlib.AsyncExitStack() as stack:
+        if config.redis_url is None:
+            one = await stack.enter_async_context(
+                IngestPrefetcher(pipeline, clock=anyio.current_time)
+            )
+            sides = (one, one)
+        else:
+            sides = await _two_instances(stack, pipeline, config.redis_url)
+            screen.print(
+                "Two instances share Redis: A answers Query and runs the background ingest, "
+                "B answers the Mapping click."
+            )
+            screen.print()
+        # (title, label in the table, click time as a share of the ingest, the
+        # background run has ended by the click)
+        timelines = (
+            (
                 "the background ingest finishes before the click",
                 "finished before the click",
-                click_after_s=config.ingest_s * 1.25,
-            )
-        )
-        results.append(
-            await _scenario(
-                ingest,
-                screen,
-                config,
-                pipeline,
-                2,
+                1.25,
+                True,
+            ),
+            (
                 "the user clicks while the background ingest runs",
                 "clicked while running",
-                click_after_s=config.ingest_s * 0.25,
-            )
-        )
-        results.append(
-            await _scenario(
-                ingest,
-                screen,
-                config,
-                pipeline,
-                3,
+                0.25,
+                False,
+            ),
+            (
                 "the background ingest fails; the click runs it again",
                 "background run failed",
-                click_after_s=config.ingest_s * 0.5,
-            )
+                0.5,
+                True,
+            ),
         )
-        stats = ingest.stats()
+        for number, (title, label, click_at, settled) in enumerate(timelines, start=1):
+            results.append(
+                await _scenario(
+                    sides,
+                    screen,
+                    config,
+                    pipeline,
+                    number,
+                    title,
+                    label,
+                    click_after_s=config.ingest_s * click_at,
+                    settled=settled,
+                )
+            )
+        if config.redis_url is not None:
+            for number in range(1, len(timelines) + 1):  # leave nothing behind in Redis
+                await sides[1].prefetcher.invalidate((PROJECT, f"run-{number}"))
+    sources = [r.source for r in results]
     summary = DemoSummary(
         scenarios=tuple(results),
-        hits=stats.hits,
-        joins=stats.joins,
-        misses=stats.misses,
-        hit_ratio=stats.hit_ratio,
+        hits=sources.count("hit"),
+        joins=sources.count("joined"),
+        misses=sources.count("ran"),
+        hit_ratio=(len(sources) - sources.count("ran")) / len(sources),
     )
     for line in format_summary(summary):
         screen.print(line)
     return summary
+
+
+async def _two_instances(
+    stack: contextlib.AsyncExitStack, pipeline: SimulatedPipeline, url: str
+) -> tuple[IngestPrefetcher, IngestPrefetcher]:
+    """Instances A and B: two Prefetchers on one Redis, in a namespace of this run's own."""
+    from .redis import RedisStore
+
+    prefix = f"prefetch_ingest_demo_{uuid.uuid4().hex[:12]}"
+    instances = []
+    for _ in range(2):
+        store = RedisStore(url, prefix=prefix)
+        instances.append(
+            await stack.enter_async_context(
+                IngestPrefetcher(pipeline, store=store, ttl=600.0, clock=anyio.current_time)
+            )
+        )
+    return instances[0], instances[1]
 
 
 def _secs(value: float) -> str:
