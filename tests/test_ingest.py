@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping
 from datetime import datetime
@@ -452,6 +453,20 @@ async def test_watch_follows_a_run_until_it_completes() -> None:
     assert seen[-1].stats == {"project": "p", "run": "r", "call": 1}
     assert all(s.status.in_flight for s in seen[:-1])
     assert any(s.progress is not None and s.progress.done == 3 for s in seen)
+
+
+async def test_closing_a_watch_early_unregisters_it_at_once() -> None:
+    pipeline = Pipeline(gated=True)
+    async with IngestPrefetcher(pipeline) as ingest:
+        ingest.after_query("p", "r")
+        with anyio.fail_after(5):
+            async with contextlib.aclosing(ingest.watch("p", "r")) as statuses:
+                async for status in statuses:
+                    assert status.status.in_flight
+                    assert ingest.stats().watchers == 1
+                    break
+        assert ingest.stats().watchers == 0
+        pipeline.release.set()
 
 
 async def test_watch_of_a_run_found_only_in_the_database_yields_one_completed_status() -> None:

@@ -292,8 +292,10 @@ def create_app(
         ingest = _ingest_of(request)
 
         async def stream() -> AsyncIterator[str]:
-            async for state in ingest.watch(project_id, run_id):
-                yield f"event: status\ndata: {json.dumps(state.to_dict())}\n\n"
+            # aclosing: a client that goes away unregisters the watch at once.
+            async with contextlib.aclosing(ingest.watch(project_id, run_id)) as states:
+                async for state in states:
+                    yield f"event: status\ndata: {json.dumps(state.to_dict())}\n\n"
 
         return StreamingResponse(
             stream(),

@@ -258,19 +258,20 @@ async def _follow(
     seen: tuple[Any, ...] | None = None
     while True:
         fresh = False
-        async for snapshot in ingest.prefetcher.watch(key):
-            ident = (snapshot.status, snapshot.started_at, snapshot.completed_at)
-            if ident != seen:
-                fresh = True
-                who = "background" if snapshot.background else "on-demand"
-                if snapshot.status is Status.COMPLETED:
-                    tl.event(f"{prefix}{who} ingest completed: {dict(snapshot.result)}")
-                    completed.set()
-                elif snapshot.status is Status.FAILED:
-                    tl.event(f"{prefix}{who} ingest failed: {snapshot.error}")
-                seen = ident
-            if snapshot.status is Status.RUNNING:
-                tl.show_progress(snapshot)
+        async with ingest.prefetcher.watch(key) as snapshots:
+            async for snapshot in snapshots:
+                ident = (snapshot.status, snapshot.started_at, snapshot.completed_at)
+                if ident != seen:
+                    fresh = True
+                    who = "background" if snapshot.background else "on-demand"
+                    if snapshot.status is Status.COMPLETED:
+                        tl.event(f"{prefix}{who} ingest completed: {dict(snapshot.result)}")
+                        completed.set()
+                    elif snapshot.status is Status.FAILED:
+                        tl.event(f"{prefix}{who} ingest failed: {snapshot.error}")
+                    seen = ident
+                if snapshot.status is Status.RUNNING:
+                    tl.show_progress(snapshot)
         if not again:
             completed.set()
             return

@@ -25,7 +25,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from datetime import datetime
 from types import TracebackType
 from typing import Any, Literal, Protocol, Self, runtime_checkable
@@ -390,12 +390,14 @@ class IngestPrefetcher:
                 )
         return IngestStatus.from_snapshot(project_id, run_id, snapshot)
 
-    async def watch(self, project_id: str, run_id: str) -> AsyncIterator[IngestStatus]:
+    async def watch(self, project_id: str, run_id: str) -> AsyncGenerator[IngestStatus, None]:
         """Every change of the run's status or progress, ending after ``completed`` or ``failed``.
 
         The basis of a server-sent-events endpoint. A run found only in the
         database yields one ``completed`` status. A run nobody started yields
-        ``not_started`` first, then waits until it starts.
+        ``not_started`` first, then waits until it starts. Close it early with
+        ``contextlib.aclosing`` (or break out of the loop) to unregister it at
+        once rather than when it is garbage-collected.
 
         Raises:
             ValueError: an id is empty or not a string.
@@ -405,8 +407,9 @@ class IngestPrefetcher:
         if first.persisted:
             yield first
             return
-        async for snapshot in self._prefetcher.watch(key):
-            yield IngestStatus.from_snapshot(project_id, run_id, snapshot)
+        async with self._prefetcher.watch(key) as snapshots:
+            async for snapshot in snapshots:
+                yield IngestStatus.from_snapshot(project_id, run_id, snapshot)
 
     def stats(self) -> Stats:
         """The underlying Prefetcher's counters (hits, joins, misses, time saved ...)."""
