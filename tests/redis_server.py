@@ -89,6 +89,8 @@ class RedisServer:
             "warning",
             "--logfile",
             str(self.directory / "redis.log"),
+            "--enable-debug-command",
+            "local",  # DEBUG SLEEP, from loopback only
         ]
         if self.persistent:
             args += ["--appendonly", "yes", "--appendfsync", "always"]
@@ -170,6 +172,14 @@ class RedisServer:
         finally:
             client.close()
 
+    def check_no_lease_without_expiry(self) -> None:
+        """Every lease (``*:l``) and failure notice (``*:n``) must carry an expiry."""
+        self.resume()
+        for pattern in ("*}:l", "*}:n"):
+            for name in self.command("KEYS", pattern):
+                pttl = self.command("PTTL", name)
+                assert pttl != -1, f"{name!r} has no expiry"
+
     def command_calls(self) -> dict[str, int]:
         """``INFO commandstats`` as {command: calls}."""
         import redis
@@ -199,6 +209,8 @@ def redis_server_fixture(
         server.start()
         try:
             yield server
+            if server.process is not None:
+                server.check_no_lease_without_expiry()
         finally:
             server.kill()
 

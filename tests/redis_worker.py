@@ -10,7 +10,10 @@ then, by MODE:
 - ``gate``: waits until the test sets ``{KEY}:go``, then returns ``"value"``;
 - ``hang-first``: the first execution (across all processes) hangs forever
   (the test SIGKILLs that process); later ones return ``"value"``;
-- ``quick``: returns ``"value"`` at once.
+- ``quick``: returns ``"value"`` at once;
+- ``stale-first``: the first execution waits until the test sets ``{KEY}:go``
+  and returns ``"stale"`` (the test pauses that process past its lease
+  meanwhile); later ones return ``"value"`` at once.
 
 Before awaiting its callers, the process increments ``{KEY}:ready`` once all
 of its callers are blocked, so the test knows every process is in.
@@ -39,6 +42,11 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         executions = await control.incr(f"{key}:executions")
         if args.mode == "hang-first" and executions == 1:
             await anyio.sleep_forever()
+        if args.mode == "stale-first" and executions == 1:
+            while True:
+                if await control.exists(f"{key}:go"):
+                    return "stale"
+                await anyio.sleep(0.01)
         if args.mode == "gate":
             while True:  # the gate is a key set by the test, in Redis
                 if await control.exists(f"{key}:go"):
@@ -78,7 +86,7 @@ def cli() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("url")
     parser.add_argument("key")
-    parser.add_argument("mode", choices=["gate", "hang-first", "quick"])
+    parser.add_argument("mode", choices=["gate", "hang-first", "quick", "stale-first"])
     parser.add_argument("--callers", type=int, default=50)
     parser.add_argument("--prefix", default="mp")
     parser.add_argument("--lease", type=float, default=10.0)

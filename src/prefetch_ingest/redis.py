@@ -27,12 +27,13 @@ The store runs on asyncio only (``redis.asyncio``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Hashable
-from typing import Any, Final, Literal, Protocol, cast, runtime_checkable
+from typing import Any, Final, Literal, Protocol, TypeVar, cast, runtime_checkable
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio
@@ -40,6 +41,9 @@ import attrs
 
 try:
     import redis.asyncio as aioredis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import ExponentialWithJitterBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import RedisError
 except ImportError as _exc:  # pragma: no cover - depends on the environment
     raise ImportError(
@@ -63,6 +67,8 @@ from ._store import LoadOutcome, StoredEntry
 from ._types import Progress, Status
 
 __all__ = ["Codec", "CodecError", "JSONCodec", "RedisStore"]
+
+_T = TypeVar("_T")
 
 _REDIS_ERRORS: Final = (RedisError, OSError)
 """What counts as "Redis unreachable or failing" (``OSError`` covers timeouts and refusals)."""
@@ -200,6 +206,18 @@ def _require_asyncio() -> None:
             "RedisStore runs on asyncio only (it uses redis.asyncio); this code runs under "
             "another event loop (trio?). Use the in-memory store (store=None) there."
         ) from None
+
+
+async def _once_more(call: Callable[[], Awaitable[_T]]) -> _T:
+    """``call()``, tried a second time after a connection error.
+
+    A pooled connection can be stale after a Redis restart; the application's
+    client may have no retry policy of its own. Only for idempotent calls.
+    """
+    try:
+        return await call()
+    except RedisConnectionError:
+        return await call()
 
 
 class _Signal:
@@ -364,7 +382,11 @@ class RedisStore:
         else:
             assert self._url is not None
             client = aioredis.Redis.from_url(
-                self._url, socket_connect_timeout=5.0, socket_timeout=10.0
+                self._url,
+                socket_connect_timeout=5.0,
+                socket_timeout=10.0,
+                # a pooled connection may be stale after a Redis restart
+                retry=Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.01), 3),
             )
         self._client = client
         self._scripts = {
@@ -457,9 +479,8 @@ class RedisStore:
         names = self._names(key)
         client = self._live_client()
         try:
-            record, lease = cast(
-                "list[bytes | None]", await client.mget([names.record, names.lease])
-            )
+            reply = await _once_more(lambda: client.mget([names.record, names.lease]))
+            record, lease = cast("list[bytes | None]", reply)
         except _REDIS_ERRORS as exc:
             if self._fallback is None:
                 raise self._unavailable("lookup", exc, key) from exc
@@ -537,7 +558,14 @@ class RedisStore:
             while True:
                 event = signal.event if signal is not None else None
                 try:
-                    code, data = await self._acquire(names, token, background, force, accepted)
+                    code, data = await _once_more(
+                        functools.partial(self._acquire, names, token, background, force, accepted)
+                    )
+                except anyio.get_cancelled_exc_class():
+                    # the SET NX may have reached Redis: hand the lease back (it
+                    # has an expiry in any case)
+                    await self._release(key, names, token)
+                    raise
                 except _REDIS_ERRORS as exc:
                     if self._fallback is None:
                         raise self._unavailable("load", exc, key) from exc
@@ -558,6 +586,8 @@ class RedisStore:
                     raise RemoteLoadError(parse_notice(data)[1])
                 # code 3: another process holds the lease
                 holder = data[:32].decode("ascii", "replace")
+                if holder == token:  # a retried acquire whose first try took the lease
+                    return await self._own(key, names, token, run, background)
                 try:
                     parse_lease(data, names.digest)
                 except CorruptRecord as exc:
@@ -714,10 +744,18 @@ class RedisStore:
                     raise self._unavailable("store the result", exc, key) from exc
                 self._log_fallback("store the result", exc, key)
                 return None
-            if not written:
+            if not written and not await self._written_by(names, own.token):
                 self._lease_lost(key, names, "completion")
                 return False
             return True
+
+    async def _written_by(self, names: Names, token: str) -> bool:
+        """Whether the record is this run's (a retried completion whose first try landed)."""
+        try:
+            record = await self._live_client().get(names.record)
+        except _REDIS_ERRORS:
+            return False
+        return isinstance(record, bytes) and record[4:36] == token.encode("ascii")
 
     def _expires_at(self, now: float, ms: int | None) -> float | None:
         return None if ms is None else now + ms / 1000
@@ -803,9 +841,11 @@ class RedisStore:
         names = self._names(key)
         self._live_client()
         try:
-            n = await self._scripts["invalidate"](
-                keys=[names.record, names.lease, names.notice],
-                args=[self._channel, f"{names.digest}:i"],
+            n = await _once_more(
+                lambda: self._scripts["invalidate"](
+                    keys=[names.record, names.lease, names.notice],
+                    args=[self._channel, f"{names.digest}:i"],
+                )
             )
         except _REDIS_ERRORS as exc:
             if self._fallback is None:

@@ -1,0 +1,196 @@
+"""Faults on the Redis side: paused owners, a blocked or restarted server, cancellation at the
+edges of the lease, an evicting memory policy."""
+
+from __future__ import annotations
+
+import functools
+import signal
+from typing import Any
+
+import anyio
+import pytest
+from structlog.testing import capture_logs
+
+from prefetch_ingest import Status
+from prefetch_ingest.redis import RedisStore
+
+from .redis_server import RedisServer, redis_server_fixture
+from .test_redis_engine import counter, reap, report, spawn
+from .test_redis_store import lease_key, listening, opened, until, value_of
+
+pytestmark = [pytest.mark.anyio, pytest.mark.redis]
+
+redis_server = redis_server_fixture()
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # RedisStore is asyncio only
+
+
+async def test_an_evicting_memory_policy_is_warned_about(redis_server: RedisServer) -> None:
+    redis_server.command("CONFIG", "SET", "maxmemory-policy", "allkeys-lru")
+    with capture_logs() as logs:
+        async with opened(RedisStore(redis_server.url)):
+            pass
+    (event,) = logs
+    assert event["event"] == "prefetch.redis_eviction_policy"
+    assert event["policy"] == "allkeys-lru"
+    redis_server.command("CONFIG", "SET", "maxmemory-policy", "noeviction")
+    with capture_logs() as logs:
+        async with opened(RedisStore(redis_server.url)):
+            pass
+    assert logs == []
+
+
+async def test_server_blocked_longer_than_the_lease(redis_server: RedisServer) -> None:
+    """DEBUG SLEEP past the lease: renewal fails, the owner learns it lost the lease and does
+    not store; the waiting instance takes over and its result stands."""
+    started = anyio.Event()
+    finish = anyio.Event()
+
+    async def owner_load() -> Any:
+        started.set()
+        await finish.wait()
+        return "old owner"
+
+    a = RedisStore(redis_server.url, lease=0.6)
+    b = RedisStore(redis_server.url, lease=5.0, poll_interval=0.05)
+    outcomes: dict[str, Any] = {}
+    with capture_logs() as logs:
+        async with opened(a), opened(b), anyio.create_task_group() as tg:
+
+            async def in_a() -> None:
+                outcomes["a"] = await a.load("k", owner_load, background=False, force=False)
+
+            async def in_b() -> None:
+                outcomes["b"] = await b.load(
+                    "k", value_of("new owner"), background=False, force=False
+                )
+
+            tg.start_soon(in_a)
+            await started.wait()
+            tg.start_soon(in_b)
+            await until(lambda: listening(b))
+            # the server stops answering for longer than the lease
+            await anyio.to_thread.run_sync(redis_server.command, "DEBUG", "SLEEP", "1.5")
+
+            async def b_done() -> bool:
+                return "b" in outcomes
+
+            await until(b_done)
+
+            async def a_knows() -> bool:
+                return any(e["event"] == "prefetch.redis_lease_lost" for e in logs)
+
+            await until(a_knows)
+            finish.set()
+        entry = await _lookup(redis_server, "k")
+    assert outcomes["b"].ran_here and outcomes["b"].value == "new owner"
+    assert outcomes["a"].value == "old owner"  # its own caller still gets its value
+    assert entry == "new owner"  # ... but it was never stored over the newer one
+
+
+async def _lookup(server: RedisServer, key: Any) -> Any:
+    async with opened(RedisStore(server.url)) as store:
+        entry = await store.lookup(key)
+    return None if entry is None else entry.value
+
+
+async def test_restart_without_persistence_fences_the_old_owner(
+    redis_server: RedisServer,
+) -> None:
+    """Redis loses everything while an owner runs: a new owner takes a fresh lease and
+    completes; the old owner's token is no longer in the lease, so its write is refused."""
+    started = anyio.Event()
+    finish = anyio.Event()
+
+    async def old_load() -> Any:
+        started.set()
+        await finish.wait()
+        return "old"
+
+    a = RedisStore(redis_server.url, lease=30.0)
+    b = RedisStore(redis_server.url, lease=30.0)
+    result: list[Any] = []
+    with capture_logs() as logs:
+        async with opened(a), opened(b), anyio.create_task_group() as tg:
+
+            async def in_a() -> None:
+                result.append(await a.load("k", old_load, background=False, force=False))
+
+            tg.start_soon(in_a)
+            await started.wait()
+            redis_server.kill()
+            redis_server.start()  # same port, empty
+            outcome = await b.load("k", value_of("new"), background=False, force=False)
+            assert outcome.ran_here
+            finish.set()
+        assert await _lookup(redis_server, "k") == "new"
+    assert result[0].value == "old"
+    assert any(e["event"] == "prefetch.redis_lease_lost" for e in logs)
+
+
+@pytest.mark.parametrize("delay_ms", [0, 1, 2, 3, 5, 8, 13, 21])
+async def test_cancellation_at_any_point_never_leaves_a_lease_without_expiry(
+    redis_server: RedisServer, delay_ms: int
+) -> None:
+    """Cancel a load after a few ms (during acquire, run, completion or release): any lease left
+    has an expiry, and status agrees with what Redis holds."""
+    name = lease_key("prefetch_ingest", "k")
+
+    async def quick_load() -> Any:
+        await anyio.sleep(0.002)
+        return "v"
+
+    async with opened(RedisStore(redis_server.url, lease=30.0)) as store:
+        for _ in range(5):
+            with anyio.move_on_after(delay_ms / 1000):
+                await store.load("k", quick_load, background=False, force=False)
+            pttl = int(redis_server.command("PTTL", name))
+            assert pttl == -2 or pttl > 0  # absent, or expiring
+            entry = await store.lookup("k")
+            if pttl > 0:
+                assert entry is not None and entry.status in (Status.RUNNING, Status.COMPLETED)
+            await store.invalidate("k")
+            redis_server.command("DEL", name)
+
+
+@pytest.mark.slow
+async def test_owner_process_paused_past_its_lease(redis_server: RedisServer) -> None:
+    """SIGSTOP the owning process past its lease: another process takes over and completes;
+    after SIGCONT the old owner's write is rejected by fencing, and it logs so."""
+    lease = ("--lease", "0.6", "--callers", "3")
+    owner = spawn(redis_server, "k", "stale-first", *lease)
+    processes = [owner]
+    try:
+
+        async def owner_running() -> bool:
+            return await counter(redis_server, "k:executions") == 1
+
+        await until(owner_running)
+        owner.send_signal(signal.SIGSTOP)
+
+        async def lease_lapsed() -> bool:
+            return not redis_server.command("EXISTS", lease_key("mp", "k"))
+
+        await until(lease_lapsed)
+        second = spawn(redis_server, "k", "stale-first", *lease)
+        processes.append(second)
+        second_report = await report(second)
+        assert second_report["results"] == ["value"] * 3
+        redis_server.command("SET", "k:go", "1")
+        owner.send_signal(signal.SIGCONT)
+        out, err = await anyio.to_thread.run_sync(functools.partial(owner.communicate, timeout=60))
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.send_signal(signal.SIGCONT)
+        reap(processes)
+    assert owner.returncode == 0, err
+    assert '"results": ["stale", "stale", "stale"]' in out
+    assert "prefetch.redis_lease_lost" in out + err
+    async with opened(RedisStore(redis_server.url, prefix="mp")) as store:
+        entry = await store.lookup("k")
+    assert entry is not None and entry.value == "value"
+    assert await counter(redis_server, "k:executions") == 2
