@@ -412,6 +412,19 @@ async def test_a_run_of_one_project_is_invisible_through_another_project(
     assert app.state.pipeline.runs == 2
 
 
+@asyncio_only
+async def test_status_still_answers_when_the_database_is_gone(sqlite_url: str) -> None:
+    app = make_app(sqlite_url)
+    async with in_process(app) as client:
+        await app.state.db.aclose()  # the real connection, closed under the service
+        status = await client.get(run_path("p", "r") + "/ingest/status")
+        mapping = await client.post(run_path("p", "r") + "/ingest")
+    assert status.status_code == 200
+    assert status.json()["status"] == "not_started"
+    assert mapping.status_code == 502  # the ingest could not write its stats
+    assert mapping.json()["error"].startswith("ingest failed: ")
+
+
 BAD_IDS = ["a b", "x" * 65, "-leading-dash", "semi;colon", "caf\u00e9"]
 
 
