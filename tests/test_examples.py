@@ -425,6 +425,24 @@ async def test_status_still_answers_when_the_database_is_gone(sqlite_url: str) -
     assert mapping.json()["error"].startswith("ingest failed: ")
 
 
+@asyncio_only
+async def test_the_database_comes_from_database_url_or_defaults_to_a_sqlite_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'from_env.sqlite3'}")
+    async with in_process(service.create_app(query_seconds=0.0)) as client:
+        assert (await client.get("/api/projects/p/runs/r/ingest/status")).status_code == 200
+    monkeypatch.delenv("DATABASE_URL")
+    async with in_process(service.create_app(query_seconds=0.0)) as client:
+        assert (await client.get("/api/projects/p/runs/r/ingest/status")).status_code == 200
+    assert sorted(os.listdir(tmp_path)) == ["from_env.sqlite3", "ingest_stats.sqlite3"]
+    monkeypatch.setenv("DATABASE_URL", "mysql://nope")
+    with pytest.raises(ValueError, match="DATABASE_URL"):
+        async with in_process(service.create_app(query_seconds=0.0)):
+            pass
+
+
 BAD_IDS = ["a b", "x" * 65, "-leading-dash", "semi;colon", "caf\u00e9"]
 
 
