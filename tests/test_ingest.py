@@ -49,13 +49,18 @@ class Pipeline:
         self.returns = returns
         self.started = anyio.Event()
         self.release = anyio.Event()
+        self.cancelled = False
 
     async def ingest_run(self, project_id: str, run_id: str) -> Mapping[str, Any]:
         self.calls.append((project_id, run_id))
         report_progress(3, 10, "llm calls")
         self.started.set()
         if self.gated:
-            await self.release.wait()
+            try:
+                await self.release.wait()
+            except anyio.get_cancelled_exc_class():
+                self.cancelled = True
+                raise
         if (project_id, run_id) in self.fail_first:
             self.fail_first.discard((project_id, run_id))
             raise RuntimeError(f"LLM quota exceeded for {run_id}")
@@ -487,6 +492,7 @@ async def test_leaving_the_block_cancels_a_running_ingest() -> None:
         ingest.after_query("p", "r")
         with anyio.fail_after(5):
             await pipeline.started.wait()
+    assert pipeline.cancelled
     assert ingest.stats().running == 0
 
 
