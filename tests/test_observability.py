@@ -297,3 +297,18 @@ async def test_a_key_with_a_newline_is_logged_escaped() -> None:
     finally:
         structlog.reset_defaults()
     assert logs[0]["key"] == repr("x\n[CRITICAL] forged")
+
+
+async def test_a_failure_is_logged_when_only_warnings_are_enabled() -> None:
+    async def boom(key: str) -> str:
+        raise RuntimeError(key)
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))  # WARNING
+    try:
+        with capture_logs() as logs:
+            async with Prefetcher(boom) as pf:
+                with pytest.raises(RuntimeError):
+                    await pf.get("k")
+    finally:
+        structlog.reset_defaults()
+    assert [e["event"] for e in logs] == ["prefetch.failed"]

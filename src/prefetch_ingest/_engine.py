@@ -418,6 +418,7 @@ class Prefetcher(Generic[K, V]):
         self._state = "new"  # new -> open -> closing -> closed
         self._log_hits = False
         self._log_info = True
+        self._log_warning = True
         self._hit_extras = False
 
         # counters
@@ -448,6 +449,7 @@ class Prefetcher(Generic[K, V]):
         lv = _log.levels()
         self._log_hits = lv.debug
         self._log_info = lv.info
+        self._log_warning = lv.warning
         self._hit_extras = self._lru or self._refresh_after != _INF or self._log_hits
         if self._remote is not None:
             await self._remote.open(
@@ -525,13 +527,17 @@ class Prefetcher(Generic[K, V]):
                 ``TimeoutError`` and the load goes on.
 
         Raises:
-            The load's own exception; ``TimeoutError``; :class:`PrefetcherClosed`;
-            ``TypeError``/``ValueError``/:class:`PrefetchError` for misuse.
+            Exception: whatever the load raised, the same object for every waiter.
+            TimeoutError: ``timeout`` elapsed (for this caller only).
+            PrefetcherClosed: the Prefetcher is not open, or closed meanwhile.
+            TypeError: a bad ``key`` or ``fn``.
+            ValueError: a bad ``timeout``.
+            PrefetchError: a miss with neither ``fn`` nor ``loader``.
         """
         try:
             entry = self._entries[key]
         except KeyError:
-            return await self._get_slow(key, fn, args, force_refresh, timeout)
+            entry = None  # (not awaiting in here: the KeyError would become __context__)
         except TypeError:
             raise TypeError(f"key must be hashable, got {type(key).__name__}") from None
         if entry.__class__ is Done and not force_refresh:
@@ -919,15 +925,16 @@ class Prefetcher(Generic[K, V]):
         flight.stale = None
         if flight.event is not None:
             flight.event.set()
-        if self._log_info and not closing:
+        if not closing:
             if error is None:
-                _log.logger.info(
-                    "prefetch.completed",
-                    key=_log.key_for_log(key),
-                    duration_s=duration,
-                    background=flight.background,
-                )
-            else:
+                if self._log_info:
+                    _log.logger.info(
+                        "prefetch.completed",
+                        key=_log.key_for_log(key),
+                        duration_s=duration,
+                        background=flight.background,
+                    )
+            elif self._log_warning:
                 _log.logger.warning(
                     "prefetch.failed",
                     key=_log.key_for_log(key),
@@ -936,7 +943,7 @@ class Prefetcher(Generic[K, V]):
                     error=_error_text(error),
                     exc_info=error,
                 )
-        if current or not closing:
+        if current:
             self._notify(flight)
 
     def _on_progress(self, flight: _Flight) -> None:
@@ -954,7 +961,7 @@ class Prefetcher(Generic[K, V]):
             if progress is not None:
                 await remote.publish_progress(flight.key, progress)
         except Exception as exc:  # best effort: progress must never break a load
-            if self._log_info:
+            if self._log_warning:
                 _log.logger.warning(
                     "prefetch.progress_not_shared",
                     key=_log.key_for_log(flight.key),

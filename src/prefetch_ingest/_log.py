@@ -30,6 +30,7 @@ class Levels:
 
     debug: bool
     info: bool
+    warning: bool
 
 
 def _enabled(level: int) -> bool:
@@ -45,8 +46,12 @@ def _enabled(level: int) -> bool:
 def levels() -> Levels:
     """The enabled levels under the current structlog configuration."""
     if not structlog.is_configured():
-        return Levels(debug=False, info=False)
-    return Levels(debug=_enabled(logging.DEBUG), info=_enabled(logging.INFO))
+        return Levels(debug=False, info=False, warning=True)
+    return Levels(
+        debug=_enabled(logging.DEBUG),
+        info=_enabled(logging.INFO),
+        warning=_enabled(logging.WARNING),
+    )
 
 
 def key_for_log(key: object) -> object:

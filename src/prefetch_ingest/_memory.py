@@ -72,6 +72,21 @@ class Failed:
 
 Result = Done | Failed
 
+
+def _release(record: object) -> None:
+    """Drop what a forgotten record holds (its value, its exception and traceback).
+
+    A record that left the table may still sit in the expiry FIFO until the
+    FIFO is compacted; without this, an evicted value would stay in memory
+    until then, and ``max_entries`` would not bound memory.
+    """
+    cls = record.__class__
+    if cls is Done:
+        record.value = None  # type: ignore[attr-defined]
+    elif cls is Failed:
+        record.error = record.tb = None  # type: ignore[attr-defined]
+
+
 _COMPACT_SLACK = 1024
 
 
@@ -128,6 +143,7 @@ class MemoryTable:
         record: object | None = self.entries.pop(key, None)
         if record is not None:
             self._count(record, -1)
+            _release(record)
         return record
 
     def remove_if(self, key: Hashable, record: object) -> bool:
@@ -190,4 +206,5 @@ class MemoryTable:
         for record in victims:
             del entries[record.key]
             self._count(record, -1)
+            _release(record)
         return victims
