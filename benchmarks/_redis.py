@@ -146,14 +146,20 @@ def _cross_worker(
     barrier: Any,
     results: Any,
 ) -> None:
-    """One process: for each key, wait at the barrier, then ``callers`` concurrent gets."""
+    """One process: for each key, wait at the barrier, then ``callers`` concurrent gets.
+
+    Reports (pid, loader runs, callers served, errors by type); never raises, so
+    a failing store shows up in the table rather than as a hung benchmark.
+    """
     import asyncio
+    import threading
 
     from prefetch_ingest import Prefetcher
     from prefetch_ingest.redis import RedisStore
 
     runs = 0
     served = 0
+    errors: dict[str, int] = {}
 
     async def load(key: str) -> str:
         nonlocal runs
@@ -162,29 +168,39 @@ def _cross_worker(
         return "value:" + key
 
     async def main() -> None:
-        nonlocal served
         async with Prefetcher(load, store=RedisStore(url, lease=10.0)) as pf:
 
             async def caller(key: str) -> None:
                 nonlocal served
-                if await pf.get(key) == "value:" + key:
-                    served += 1
+                try:
+                    if await pf.get(key) == "value:" + key:
+                        served += 1
+                except Exception as exc:
+                    name = type(exc).__name__
+                    cause = exc.__cause__
+                    if cause is not None:
+                        name += f" ({type(cause).__name__})"
+                    errors[name] = errors.get(name, 0) + 1
 
             for key in keys:
-                await anyio.to_thread.run_sync(barrier.wait)
+                await anyio.to_thread.run_sync(barrier.wait, 60.0)
                 async with anyio.create_task_group() as tg:
                     for _ in range(callers):
                         tg.start_soon(caller, key)
 
     try:
         asyncio.run(main())
+    except (Exception, threading.BrokenBarrierError) as exc:
+        errors[f"worker: {type(exc).__name__}"] = 1
     finally:
-        results.put((os.getpid(), runs, served))
+        results.put((os.getpid(), runs, served, errors))
 
 
 def _cross_processes(
     url: str, processes: int, callers: int, rounds: int, sleep: float
-) -> tuple[int, int, list[int]]:
+) -> tuple[int, int, list[int], dict[str, int]]:
+    import queue
+
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(processes)
     results = ctx.Queue()
@@ -195,12 +211,24 @@ def _cross_processes(
     ]
     for p in procs:
         p.start()
-    got = [results.get(timeout=120) for _ in procs]
+    got: list[tuple[int, int, int, dict[str, int]]] = []
+    errors: dict[str, int] = {}
+    try:
+        for _ in procs:
+            got.append(results.get(timeout=60 + 30 * rounds))
+    except queue.Empty:
+        errors["a process did not report"] = len(procs) - len(got)
     for p in procs:
-        p.join(timeout=30)
+        p.join(timeout=10)
+        if p.is_alive():
+            p.kill()
+            p.join()
+    for _, _, _, errs in got:
+        for name, count in errs.items():
+            errors[name] = errors.get(name, 0) + count
     runs = sum(r[1] for r in got)
     served = sum(r[2] for r in got)
-    return runs, served, [r[1] for r in got]
+    return runs, served, [r[1] for r in got], errors
 
 
 # ---------------------------------------------------------------------------
@@ -287,7 +315,7 @@ async def _measure(
     say("redis: commands and latency done")
 
     cross_sleep = 0.2
-    cross_runs, cross_served, per_process = await anyio.to_thread.run_sync(
+    cross_runs, cross_served, per_process, cross_errors = await anyio.to_thread.run_sync(
         _cross_processes,
         url,
         sizes.redis_processes,
@@ -330,6 +358,7 @@ async def _measure(
                 if cross_runs % max(rounds, 1) == 0
                 else cross_runs,
                 "cross_served": cross_served,
+                "cross_errors": _describe(cross_errors, 1) if cross_errors else "-",
                 "cross_desc": desc,
             },
         ),
@@ -339,7 +368,8 @@ async def _measure(
             f"redis: one execution per cold key across {desc}, every caller served",
             cross_runs == rounds and cross_served == callers_total * rounds,
             f"{cross_runs} executions for {rounds} key(s) (per process {per_process}), "
-            f"{cross_served} of {callers_total * rounds} served",
+            f"{cross_served} of {callers_total * rounds} served; errors: "
+            f"{_describe(cross_errors, 1) if cross_errors else 'none'}",
         ),
         Check(
             "redis: a hit costs one round trip and one command",
@@ -359,6 +389,8 @@ async def _measure(
             ("trips_per_cold", "round trips/cold", ".2f"),
             ("cmds_per_cold", "cmds/cold", ".2f"),
             ("cross_executions", "cross-process executions", "d"),
+            ("cross_served", "served", ",d"),
+            ("cross_errors", "errors", "s"),
         ],
         notes=[
             f"Round trips: commands the store's client sent (counted in a redis.asyncio "

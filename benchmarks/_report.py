@@ -274,6 +274,10 @@ def markdown(
 ) -> str:
     m = machine()
     lines = [
+        "---",
+        "orphan: true",  # a generated page; Sphinx -W must not warn that no toctree lists it
+        "---",
+        "",
         "# Benchmarks",
         "",
         "prefetch_ingest against async-lru, aiocache (memory), cashews (memory), "

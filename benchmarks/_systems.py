@@ -49,6 +49,9 @@ class Options:
     refresh_after: float | None = None
     #: prefetch_ingest only: an injectable monotonic clock.
     clock: Callable[[], float] | None = None
+    #: False: turn off a peer's periodic full-scan expiry task (cashews'
+    #: check_interval), which rescans every entry each second while it fills.
+    background_scan: bool = True
 
 
 @dataclass(frozen=True)
@@ -151,7 +154,8 @@ async def _open_cashews(loader: Loader, options: Options) -> AsyncIterator[Gette
 
     cache = Cache()
     size = options.max_entries if options.max_entries is not None else 10**9
-    cache.setup(f"mem://?size={size}")
+    interval = "" if options.background_scan else "&check_interval=0"
+    cache.setup(f"mem://?size={size}{interval}")
     ttl = options.ttl if options.ttl is not None else 10.0**9
     if options.refresh_after is not None and options.ttl is not None:
         wrapped = cache.early(ttl=ttl, early_ttl=options.refresh_after)(loader)
