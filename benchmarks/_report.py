@@ -337,7 +337,7 @@ def render_chart(results: Sequence[ScenarioResult], path: Path) -> None:
         spread = max(values) / max(min(v for v in values if v > 0), 1e-12) if values else 1
         if spread > 30:
             ax.set_xscale("log")
-        ax.set_title(result.title.split(":")[0] + ": " + result.unit, fontsize=10)
+        ax.set_title(result.title.split(":")[0].split(" (")[0] + ": " + result.unit, fontsize=10)
         ax.tick_params(labelsize=8)
         for y, v in enumerate(values):
             ax.text(v, y, " " + _num(v), va="center", fontsize=7)
