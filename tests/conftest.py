@@ -8,8 +8,16 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import structlog
 
 from prefetch_ingest import Prefetcher
+
+
+@pytest.fixture(autouse=True)
+def _structlog_defaults() -> Iterator[None]:
+    """A test that configures structlog does not leak its configuration into the next."""
+    yield
+    structlog.reset_defaults()
 
 
 @pytest.fixture(
