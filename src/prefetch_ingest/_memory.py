@@ -172,23 +172,32 @@ class MemoryTable:
         """Remove and return every record whose ``ttl`` is up, oldest first.
 
         Costs O(records removed + stale FIFO slots skipped), never a scan of
-        the table.
+        the table. The loop is kept free of method calls: it is the sweep's
+        whole cost.
         """
         ttl = self.ttl
         expiry = self.expiry
         entries = self.entries
+        get = entries.get
+        popleft = expiry.popleft
         out: list[Result] = []
+        append = out.append
+        n_done = 0
         while expiry:
             record = expiry[0]
-            if entries.get(record.key) is not record:
-                expiry.popleft()  # replaced, evicted or invalidated meanwhile
+            key = record.key
+            if get(key) is not record:
+                popleft()  # replaced, evicted or invalidated meanwhile
                 continue
             if now - record.done < ttl:
                 break
-            expiry.popleft()
-            del entries[record.key]
-            self._count(record, -1)
-            out.append(record)
+            popleft()
+            del entries[key]
+            if record.__class__ is Done:
+                n_done += 1
+            append(record)
+        self.n_done -= n_done
+        self.n_failed -= len(out) - n_done
         return out
 
     # -- eviction -------------------------------------------------------
