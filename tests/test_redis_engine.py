@@ -88,6 +88,34 @@ async def test_get_then_hit_with_one_redis_command(redis_server: RedisServer) ->
     assert delta == {"mget": 1}
 
 
+async def test_a_stampede_on_a_cold_key_costs_three_round_trips(
+    redis_server: RedisServer,
+) -> None:
+    """100 concurrent gets of a cold key in one process: one MGET (lookups of one key are
+    shared), the acquire script and the completion script; the loader runs once."""
+    load = Counter()
+    async with Prefetcher(load, store=RedisStore(redis_server.url)) as pf:
+        await pf.get("warm-up")  # loads the Lua scripts into Redis once
+        load.calls = 0
+        load.started = anyio.Event()
+        load.gate = anyio.Event()
+        before = redis_server.command_calls()
+        async with anyio.create_task_group() as tg:
+            for _ in range(100):
+                tg.start_soon(pf.get, "cold")
+            await load.started.wait()
+            load.gate.set()
+        after = redis_server.command_calls()
+    assert load.calls == 1
+    client_side = {
+        k: after[k] - before.get(k, 0)
+        for k in ("mget", "evalsha", "evalsha_ro", "get", "set", "eval")
+        if after.get(k, 0) != before.get(k, 0)
+    }
+    # get/set here are the ones the two scripts run inside Redis
+    assert client_side == {"mget": 1, "evalsha": 2, "get": 3, "set": 2}
+
+
 async def test_a_brand_new_instance_sees_status_and_hits(redis_server: RedisServer) -> None:
     async with Prefetcher(Counter(7), store=RedisStore(redis_server.url)) as first:
         assert first.prefetch("k")

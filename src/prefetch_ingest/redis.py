@@ -347,6 +347,7 @@ class RedisStore:
         self._names_cache: dict[Hashable, Names] = {}
         self._signals: dict[str, _Signal] = {}
         self._owned: dict[str, _Ownership] = {}
+        self._reads: dict[str, asyncio.Task[Any]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._subscribed: anyio.Event | None = None
 
@@ -381,13 +382,19 @@ class RedisStore:
             client = self._given
         else:
             assert self._url is not None
-            client = aioredis.Redis.from_url(
+            # A blocking pool: a burst of calls waits for a connection rather
+            # than failing with "Too many connections". URL options
+            # (?max_connections=...&socket_timeout=...) take precedence.
+            pool = aioredis.BlockingConnectionPool.from_url(
                 self._url,
+                max_connections=64,
+                timeout=20.0,
                 socket_connect_timeout=5.0,
                 socket_timeout=10.0,
                 # a pooled connection may be stale after a Redis restart
                 retry=Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.01), 3),
             )
+            client = aioredis.Redis.from_pool(pool)
         self._client = client
         self._scripts = {
             "acquire": client.register_script(ACQUIRE),
@@ -475,11 +482,22 @@ class RedisStore:
         return client
 
     async def lookup(self, key: Hashable) -> StoredEntry | None:
-        """The key's state from Redis: one ``MGET`` of its record and its lease."""
+        """The key's state from Redis: one ``MGET`` of its record and its lease.
+
+        Concurrent lookups of one key in this process share one ``MGET`` (a
+        stampede of callers on a cold key costs one command, not one each).
+        """
         names = self._names(key)
         client = self._live_client()
+        read = self._reads.get(names.digest)
+        if read is None:
+            read = asyncio.get_running_loop().create_task(
+                _once_more(lambda: client.mget([names.record, names.lease]))
+            )
+            self._reads[names.digest] = read
+            read.add_done_callback(functools.partial(self._read_done, names.digest))
         try:
-            reply = await _once_more(lambda: client.mget([names.record, names.lease]))
+            reply = await asyncio.shield(read)
             record, lease = cast("list[bytes | None]", reply)
         except _REDIS_ERRORS as exc:
             if self._fallback is None:
@@ -487,6 +505,12 @@ class RedisStore:
             self._log_fallback("lookup", exc, key)
             return None
         return self._entry(key, names, record, lease)
+
+    def _read_done(self, digest: str, read: asyncio.Task[Any]) -> None:
+        if self._reads.get(digest) is read:
+            del self._reads[digest]
+        if not read.cancelled():
+            read.exception()  # retrieved here, whoever still awaits it
 
     def _entry(
         self, key: Hashable, names: Names, record: bytes | None, lease: bytes | None
