@@ -738,3 +738,21 @@ async def test_an_application_client_is_not_closed(redis_server: RedisServer) ->
         assert await client.ping()
     finally:
         await client.aclose()
+
+
+async def test_logs_escape_keys_and_hide_passwords(redis_server: RedisServer) -> None:
+    """A key with a newline is logged as one escaped repr; a URL's password never shows."""
+    key = "x\n[CRITICAL] forged"
+    async with opened(RedisStore(redis_server.url)) as store:
+        redis_server.command("SET", record_key("prefetch_ingest", key), b"garbage")
+        with capture_logs() as logs:
+            assert await store.lookup(key) is None
+    (event,) = logs
+    assert "\n" not in event["key"] and event["key"] == repr(key)
+    redis_server.kill()
+    url = redis_server.url.replace("redis://", "redis://user:hunter2@")
+    store = RedisStore(url)
+    with capture_logs() as logs, pytest.raises(StoreError) as info:
+        await store.open(ttl=None, failure_ttl=0.0)
+    assert "hunter2" not in str(info.value)
+    assert "hunter2" not in repr(logs)
