@@ -162,7 +162,7 @@ class RedisServer:
         assert self.process is not None
         self.process.send_signal(signal.SIGCONT)
 
-    def command(self, *args: str) -> Any:
+    def command(self, *args: str | bytes) -> Any:
         """Run one command with a plain synchronous client (for test set-up and checks)."""
         import redis
 
