@@ -635,7 +635,9 @@ class Prefetcher(Generic[K, V]):
         elif cls is Failed and not force and now - entry.done < self._failure_ttl:
             raise entry.error.with_traceback(entry.tb)
         else:
-            if entry is None and self._remote is not None:
+            if self._remote is not None and entry.__class__ is not Done:
+                # Nothing usable here (or a local failure past failure_ttl): ask
+                # the shared store, which may hold another process's result.
                 stored = await self._remote.lookup(key)
                 entry = self._current(key)  # a local flight may have started meanwhile
                 if entry.__class__ is _Flight:
@@ -644,6 +646,7 @@ class Prefetcher(Generic[K, V]):
                 if stored is not None and not force:
                     if stored.status is _COMPLETED:
                         self._hits += 1
+                        self._refresh_remote(key, stored, fn, args)
                         return cast(V, stored.value)
                     if stored.status is _FAILED:
                         raise RemoteLoadError(stored.error or "unknown error")
@@ -669,6 +672,28 @@ class Prefetcher(Generic[K, V]):
         if error is not None:
             raise error.with_traceback(flight.tb)
         return cast(V, flight.value)
+
+    def _refresh_remote(
+        self,
+        key: Hashable,
+        stored: StoredEntry,
+        fn: Callable[..., Awaitable[Any]] | None,
+        args: tuple[Any, ...],
+    ) -> None:
+        """Stale-while-revalidate with a shared store: reload an old stored value in the background.
+
+        The stored value's age comes from its wall-clock completion time;
+        while the reload runs, local callers are served that value.
+        """
+        if self._refresh_after == _INF or stored.completed_at is None:
+            return
+        if fn is None and self._loader is None:
+            return
+        age = max(time.time() - stored.completed_at, 0.0)
+        if age < self._refresh_after or self._entries.get(key) is not None:
+            return
+        stale = Done(key, stored.value, self._clock() - age, 0.0, stored.background)
+        self._start(key, fn, args, background=True, force=True, stale=stale)
 
     def _current(self, key: Hashable) -> Any:
         """The key's record, after enforcing expiry on it."""
@@ -915,9 +940,21 @@ class Prefetcher(Generic[K, V]):
                 self._failures += 1
         flight.status = _COMPLETED if error is None else _FAILED
         current = self._entries.get(key) is flight
+        if not ran_here and not flight.background and not closing:
+            # The value (or failure) came from another process's run: the
+            # caller that started this flight joined that run.
+            self._misses -= 1
+            self._joins += 1
         if current and not closing:
             if self._remote is not None:
-                self._table.remove_if(key, flight)
+                # Results live in the shared store; a failure is also kept here,
+                # so that status can report it and failure_ttl can be honoured.
+                if error is not None and flight.stale is None:
+                    failed = Failed(key, error, tb, now, duration, flight.background)
+                    for victim in self._table.put(key, failed):
+                        self._evicted(victim)
+                else:
+                    self._table.remove_if(key, flight)
             elif error is None:
                 record = Done(key, value, now, duration, flight.background)
                 for victim in self._table.put(key, record):
@@ -1036,12 +1073,17 @@ class Prefetcher(Generic[K, V]):
         cls = entry.__class__
         if cls is _Flight:
             return self._snapshot_of_flight(entry)
-        if cls is Done or cls is Failed:
-            return self._snapshot_of_record(entry)
         if self._remote is not None:
+            # The store knows better than a local failure record whether another
+            # process has completed the key since.
             stored = await self._remote.lookup(key)
             if stored is not None:
                 return self._snapshot_of_stored(key, stored)
+            entry = self._current(key)
+            if entry.__class__ is _Flight:
+                return self._snapshot_of_flight(entry)
+        if entry.__class__ is Done or entry.__class__ is Failed:
+            return self._snapshot_of_record(entry)
         return Snapshot(key=key, status=Status.NOT_STARTED)
 
     async def invalidate(self, key: K) -> bool:
