@@ -194,3 +194,51 @@ async def test_owner_process_paused_past_its_lease(redis_server: RedisServer) ->
         entry = await store.lookup("k")
     assert entry is not None and entry.value == "value"
     assert await counter(redis_server, "k:executions") == 2
+
+
+@pytest.mark.slow
+async def test_two_instances_starting_at_once_after_a_crash_rerun_it_once(
+    redis_server: RedisServer,
+) -> None:
+    """The owner is SIGKILLed mid-load and its lease lapses; two fresh processes then get the
+    key at the same time: exactly one of them runs it again, both get its value."""
+    owner = spawn(redis_server, "k", "hang-first", "--callers", "3", "--lease", "0.5")
+    processes = [owner]
+    try:
+
+        async def owner_in() -> bool:
+            return (
+                await counter(redis_server, "k:executions") == 1
+                and await counter(redis_server, "k:ready") == 1
+            )
+
+        await until(owner_in)
+        assert redis_server.command("EXISTS", lease_key("mp", "k")) == 1  # it is running
+        owner.send_signal(signal.SIGKILL)
+        await anyio.to_thread.run_sync(owner.wait)
+
+        async def lease_lapsed() -> bool:
+            return not redis_server.command("EXISTS", lease_key("mp", "k"))
+
+        await until(lease_lapsed)
+        # the application side restarts: two fresh instances, both demanding the key
+        fresh = [spawn(redis_server, "k", "gate", "--callers", "20") for _ in range(2)]
+        processes += fresh
+
+        async def both_in() -> bool:
+            return await counter(redis_server, "k:ready") == 3
+
+        await until(both_in, timeout=60)
+        # both are blocked on the key, and it is running once
+        assert await counter(redis_server, "k:executions") == 2
+        redis_server.command("SET", "k:go", "1")
+        reports = [await report(p) for p in fresh]
+    finally:
+        reap(processes)
+    assert [r["results"] for r in reports] == [["value"] * 20] * 2
+    assert sum(r["successes"] for r in reports) == 1
+    assert await counter(redis_server, "k:executions") == 2
+    assert redis_server.command("KEYS", "mp:*:l") == []
+    async with opened(RedisStore(redis_server.url, prefix="mp")) as store:
+        entry = await store.lookup("k")
+    assert entry is not None and entry.status is Status.COMPLETED and entry.value == "value"
