@@ -635,26 +635,31 @@ class Prefetcher(Generic[K, V]):
         elif cls is Failed and not force and now - entry.done < self._failure_ttl:
             raise entry.error.with_traceback(entry.tb)
         else:
+            joined: _Flight | None = None
             if self._remote is not None and entry.__class__ is not Done:
                 # Nothing usable here (or a local failure past failure_ttl): ask
                 # the shared store, which may hold another process's result.
                 stored = await self._remote.lookup(key)
                 entry = self._current(key)  # a local flight may have started meanwhile
                 if entry.__class__ is _Flight:
+                    joined = entry
                     self._join(entry, self._clock())
-                    return cast(V, await self._await_value(entry, t))
-                if stored is not None and not force:
+                elif stored is not None and not force:
                     if stored.status is _COMPLETED:
                         self._hits += 1
                         self._refresh_remote(key, stored, fn, args)
                         return cast(V, stored.value)
                     if stored.status is _FAILED:
                         raise RemoteLoadError(stored.error or "unknown error")
-            stale = entry if entry.__class__ is Done else None
-            flight = self._start(key, fn, args, background=False, force=force, stale=stale)
-            self._misses += 1
-        # Wait for the flight here rather than in a helper: with thousands of
-        # waiters on one key, every coroutine frame less is time saved.
+            if joined is not None:
+                flight = joined
+            else:
+                stale = entry if entry.__class__ is Done else None
+                flight = self._start(key, fn, args, background=False, force=force, stale=stale)
+                self._misses += 1
+        # Wait for the flight here rather than through _await_flight (its twin,
+        # used by wait()): with thousands of waiters on one key, every coroutine
+        # frame less is time saved.
         if flight.done is None:
             event = flight.event
             if event is None:
@@ -730,13 +735,6 @@ class Prefetcher(Generic[K, V]):
                         await event.wait()
             finally:
                 self._waiting -= 1
-
-    async def _await_value(self, flight: _Flight, timeout: float | None) -> Any:
-        await self._await_flight(flight, timeout)
-        error = flight.error
-        if error is not None:
-            raise error.with_traceback(flight.tb)
-        return flight.value
 
     # -- starting loads ----------------------------------------------------
 
