@@ -632,13 +632,19 @@ class Prefetcher(Generic[K, V]):
             self._hits += 1
             self._saved_seconds += entry.duration
             return cast(V, entry.value)
-        elif cls is Failed and not force and now - entry.done < self._failure_ttl:
+        elif (
+            cls is Failed
+            and not force
+            and now - entry.done < self._failure_ttl
+            and self._remote is None  # with a shared store, the store decides (below)
+        ):
             raise entry.error.with_traceback(entry.tb)
         else:
             joined: _Flight | None = None
             if self._remote is not None and entry.__class__ is not Done:
                 # Nothing usable here (or a local failure past failure_ttl): ask
                 # the shared store, which may hold another process's result.
+                local_failure = entry if entry.__class__ is Failed else None
                 stored = await self._remote.lookup(key)
                 entry = self._current(key)  # a local flight may have started meanwhile
                 if entry.__class__ is _Flight:
@@ -646,10 +652,20 @@ class Prefetcher(Generic[K, V]):
                     self._join(entry, self._clock())
                 elif stored is not None and not force:
                     if stored.status is _COMPLETED:
+                        if local_failure is not None:  # a newer result stands
+                            self._table.remove_if(key, local_failure)
                         self._hits += 1
                         self._refresh_remote(key, stored, fn, args)
                         return cast(V, stored.value)
                     if stored.status is _FAILED:
+                        if (
+                            local_failure is not None
+                            and entry is local_failure
+                            and stored.error == _error_text(local_failure.error)
+                        ):
+                            # the same failure as a load run (or followed) here:
+                            # the exception object itself, not its remote summary
+                            raise local_failure.error.with_traceback(local_failure.tb)
                         raise RemoteLoadError(stored.error or "unknown error")
             if joined is not None:
                 flight = joined
@@ -1080,6 +1096,11 @@ class Prefetcher(Generic[K, V]):
             entry = self._current(key)
             if entry.__class__ is _Flight:
                 return self._snapshot_of_flight(entry)
+            if entry.__class__ is Failed and self._clock() - entry.done < self._failure_ttl:
+                # The store keeps a failure for failure_ttl: if it no longer has
+                # this one, another instance invalidated it, and so do we.
+                self._table.remove_if(key, entry)
+                entry = None
         if entry.__class__ is Done or entry.__class__ is Failed:
             return self._snapshot_of_record(entry)
         return Snapshot(key=key, status=Status.NOT_STARTED)
