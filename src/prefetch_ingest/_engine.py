@@ -190,10 +190,6 @@ class _Flight:
         self.p_message: str | None = None
         self.publishing = False
 
-    @property
-    def finished(self) -> bool:
-        return self.done is not None
-
     # ProgressSink
     def progress(self, done: float, total: float | None, message: str | None) -> None:
         if self.done is not None:
@@ -821,8 +817,7 @@ class Prefetcher(Generic[K, V]):
             chain=(*chain, (id(self), key)),
             now=self._clock(),
         )
-        for record in self._table.put(key, flight):
-            self._evicted(record)
+        self._put(key, flight)
         self._live.add(flight)
         if background:
             self._prefetches += 1
@@ -965,24 +960,20 @@ class Prefetcher(Generic[K, V]):
                 # so that status can report it and failure_ttl can be honoured.
                 if error is not None and flight.stale is None:
                     failed = Failed(key, error, tb, now, duration, flight.background)
-                    for victim in self._table.put(key, failed):
-                        self._evicted(victim)
+                    self._put(key, failed)
                 else:
                     self._table.remove_if(key, flight)
             elif error is None:
                 record = Done(key, value, now, duration, flight.background)
-                for victim in self._table.put(key, record):
-                    self._evicted(victim)
+                self._put(key, record)
             else:
                 stale = flight.stale
                 if stale is not None and now - stale.done < self._ttl:
                     # a failed refresh keeps the old value
-                    for victim in self._table.put(key, stale):
-                        self._evicted(victim)
+                    self._put(key, stale)
                 else:
                     record_f = Failed(key, error, tb, now, duration, flight.background)
-                    for victim in self._table.put(key, record_f):
-                        self._evicted(victim)
+                    self._put(key, record_f)
         elif current:
             self._table.remove_if(key, flight)
         flight.fn = _finished_fn
@@ -1056,6 +1047,11 @@ class Prefetcher(Generic[K, V]):
         if self._log_hits:
             _log.logger.debug("prefetch.expired", key=_log.key_for_log(record.key))
         self._notify_key(record.key)
+
+    def _put(self, key: Hashable, record: object) -> None:
+        """Store a record (or a flight) for ``key``, and account for what it evicted."""
+        for victim in self._table.put(key, record):
+            self._evicted(victim)
 
     def _evicted(self, record: Done | Failed) -> None:
         self._evictions += 1

@@ -96,10 +96,11 @@ class MemoryTable:
     ``entries`` is exposed so the engine's hit path can read it directly.
     """
 
-    __slots__ = ("entries", "expiry", "lru", "max_entries", "n_done", "n_failed", "ttl")
+    __slots__ = ("entries", "expires", "expiry", "lru", "max_entries", "n_done", "n_failed", "ttl")
 
     def __init__(self, *, ttl: float, max_entries: int | None) -> None:
         self.ttl = ttl
+        self.expires = ttl != float("inf")  # with no ttl, nothing enters the expiry FIFO
         self.max_entries = max_entries
         self.lru = max_entries is not None
         self.entries: dict[Hashable, Any] = OrderedDict() if self.lru else {}
@@ -130,7 +131,7 @@ class MemoryTable:
         entries[key] = record
         self._count(record, +1)
         cls = record.__class__
-        if (cls is Done or cls is Failed) and self.ttl != float("inf"):
+        if (cls is Done or cls is Failed) and self.expires:
             self._remember_expiry(record)  # type: ignore[arg-type]
         if self.lru:
             entries.move_to_end(key)  # type: ignore[attr-defined]
