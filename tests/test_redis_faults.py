@@ -12,7 +12,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from prefetch_ingest import Status
-from prefetch_ingest.redis import RedisStore
+from prefetch_ingest.redis import RedisStore, current_fence
 
 from .redis_server import RedisServer, redis_server_fixture
 from .test_redis_engine import counter, reap, report, spawn
@@ -100,15 +100,23 @@ async def _lookup(server: RedisServer, key: Any) -> Any:
 async def test_restart_without_persistence_fences_the_old_owner(
     redis_server: RedisServer,
 ) -> None:
-    """Redis loses everything while an owner runs: a new owner takes a fresh lease and
-    completes; the old owner's token is no longer in the lease, so its write is refused."""
+    """Redis loses everything while an owner runs: a new owner takes a fresh lease under a
+    greater fence (the epoch is the server's clock, which the restart did not reset) and
+    completes; the old owner's token is no longer in the lease, so its write is refused, and
+    one final value stands."""
     started = anyio.Event()
     finish = anyio.Event()
+    fences: dict[str, int | None] = {}
 
     async def old_load() -> Any:
+        fences["old"] = current_fence()
         started.set()
         await finish.wait()
         return "old"
+
+    async def new_load() -> Any:
+        fences["new"] = current_fence()
+        return "new"
 
     a = RedisStore(redis_server.url, lease=30.0)
     b = RedisStore(redis_server.url, lease=30.0)
@@ -123,10 +131,12 @@ async def test_restart_without_persistence_fences_the_old_owner(
             await started.wait()
             redis_server.kill()
             redis_server.start()  # same port, empty
-            outcome = await b.load("k", value_of("new"), background=False, force=False)
+            outcome = await b.load("k", new_load, background=False, force=False)
             assert outcome.ran_here
             finish.set()
         assert await _lookup(redis_server, "k") == "new"
+    old_fence, new_fence = fences["old"], fences["new"]
+    assert old_fence is not None and new_fence is not None and new_fence > old_fence
     assert result[0].value == "old"
     assert any(e["event"] == "prefetch.redis_lease_lost" for e in logs)
 

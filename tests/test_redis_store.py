@@ -299,9 +299,9 @@ async def test_a_hit_is_one_command_and_a_cold_load_two_round_trips(
         # round trips from the client: the lookup's MGET, then two scripts
         assert cold.pop("mget") == 1
         assert cold.pop("evalsha") == 2
-        # run by those scripts, inside Redis: acquire GET GET SET PUBLISH,
-        # complete GET SET DEL PUBLISH
-        assert cold == {"get": 3, "set": 2, "del": 1, "publish": 2}
+        # run by those scripts, inside Redis: acquire GET GET TIME SET PUBLISH,
+        # complete GET (lease) GET (record, for its fence) SET DEL PUBLISH
+        assert cold == {"get": 4, "time": 1, "set": 2, "del": 1, "publish": 2}
 
         before = redis_server.command_calls()
         entry = await store.lookup("cold")
@@ -643,7 +643,16 @@ async def test_corrupt_or_foreign_records_are_reported_and_reloaded(
     async with opened(RedisStore(redis_server.url)) as store:
         await store.load("source", value_of("secret"), background=False, force=False)
         copied = redis_server.command("GET", record_key("prefetch_ingest", "source"))
-        payloads = [b"\x00\xffrandom", pickle.dumps(Evil()), copied, b"PI1c" + b"0" * 32 + b"{}"]
+        header_of_k = b'{"k":"' + digest_of(("victim", 4)).encode() + b'"}\n'
+        payloads = [
+            b"\x00\xffrandom",
+            pickle.dumps(Evil()),
+            copied,
+            b"PI2c" + b"0" * 32 + b"1" * 16 + b"{}",  # truncated: no end of header
+            b"PI2c" + b"0" * 32 + b"9" * 16 + header_of_k,  # a fence past what a clock gives
+            b"PI2c" + b"0" * 32 + b"x" * 16 + b"{}\n",  # not a fence
+            b"PI1c" + b"0" * 32 + b"{}\n",  # an earlier layout
+        ]
         for i, payload in enumerate(payloads):
             key = ("victim", i)
             redis_server.command("SET", record_key("prefetch_ingest", key), payload)

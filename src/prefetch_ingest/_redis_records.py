@@ -2,7 +2,8 @@
 
 Record (the key's result), one Redis string, read with one ``GET``::
 
-    b"PI1" | kind (b"c" completed, b"f" failed) | token (32 hex) | header JSON | b"\\n" | payload
+    b"PI2" | kind (b"c" completed, b"f" failed) | token (32 hex) | fence (16 digits)
+          | header JSON | b"\\n" | payload
 
 The header is ASCII JSON (no newline can occur in it): ``k`` the key's
 digest (a record copied under another key is detected), ``t0``/``t1`` start
@@ -12,7 +13,14 @@ codec's encoding of the value (empty for a failure).
 
 Lease value::
 
-    token (32 hex) | JSON {"k": digest, "t0": started, "bg": bool, "p": progress or null}
+    token (32 hex) | fence (16 digits) | JSON {"k": digest, "t0": started, "bg": bool,
+                                               "p": progress or null}
+
+The *fence* is the run's fencing number: 16 decimal digits, zero-padded, so
+that comparing two fences as strings (as the Lua scripts do) compares them as
+numbers. The acquire script chooses it (see :mod:`prefetch_ingest._redis_scripts`);
+it only ever grows for a key, so a later run of a key holds a greater fence
+than any earlier one, even across a Redis restart that lost every key.
 
 Failure notice::
 
@@ -38,16 +46,21 @@ __all__ = [
     "LeaseInfo",
     "RecordHeader",
     "dump_lease",
+    "dump_lease_meta",
     "dump_notice",
     "dump_record",
+    "fence_text",
     "parse_lease",
     "parse_notice",
     "parse_record",
 ]
 
-MAGIC = b"PI1"
+MAGIC = b"PI2"
 TOKEN_LEN = 32
-_HEAD = len(MAGIC) + 1 + TOKEN_LEN
+FENCE_LEN = 16
+_TOKEN_AT = len(MAGIC) + 1
+_FENCE_AT = _TOKEN_AT + TOKEN_LEN
+_HEAD = _FENCE_AT + FENCE_LEN
 
 
 class CorruptRecord(ValueError):
@@ -58,6 +71,7 @@ class CorruptRecord(ValueError):
 class RecordHeader:
     kind: str  # "c" or "f"
     token: str
+    fence: int
     digest: str
     started_at: float | None
     completed_at: float | None
@@ -69,6 +83,7 @@ class RecordHeader:
 @attrs.frozen
 class LeaseInfo:
     token: str
+    fence: int
     started_at: float | None
     background: bool
     progress: Progress | None
@@ -106,9 +121,23 @@ def _token(raw: bytes) -> str:
     return token
 
 
+def _fence(raw: bytes) -> int:
+    if len(raw) != FENCE_LEN or not raw.isdigit():
+        raise CorruptRecord("bad fence")
+    return int(raw)
+
+
+def fence_text(fence: int) -> bytes:
+    """The fixed-width form of a fence, as the scripts write and compare it."""
+    if not 0 <= fence < 10**FENCE_LEN:
+        raise ValueError(f"fence out of range: {fence}")
+    return b"%016d" % fence
+
+
 def dump_record(
     kind: str,
     token: str,
+    fence: int,
     digest: str,
     *,
     started_at: float | None,
@@ -127,7 +156,15 @@ def dump_record(
         "e": error,
     }
     return b"".join(
-        (MAGIC, kind.encode("ascii"), token.encode("ascii"), _compact(header), b"\n", payload)
+        (
+            MAGIC,
+            kind.encode("ascii"),
+            token.encode("ascii"),
+            fence_text(fence),
+            _compact(header),
+            b"\n",
+            payload,
+        )
     )
 
 
@@ -138,7 +175,8 @@ def parse_record(data: bytes, digest: str) -> tuple[RecordHeader, bytes]:
     kind = chr(data[len(MAGIC)])
     if kind not in ("c", "f"):
         raise CorruptRecord(f"unknown record kind {kind!r}")
-    token = _token(data[len(MAGIC) + 1 : _HEAD])
+    token = _token(data[_TOKEN_AT:_FENCE_AT])
+    fence = _fence(data[_FENCE_AT:_HEAD])
     end = data.find(b"\n", _HEAD)
     if end < 0:
         raise CorruptRecord("truncated record")
@@ -156,6 +194,7 @@ def parse_record(data: bytes, digest: str) -> tuple[RecordHeader, bytes]:
     header = RecordHeader(
         kind=kind,
         token=token,
+        fence=fence,
         digest=digest,
         started_at=_time(obj.get("t0")),
         completed_at=_time(obj.get("t1")),
@@ -166,19 +205,32 @@ def parse_record(data: bytes, digest: str) -> tuple[RecordHeader, bytes]:
     return header, data[end + 1 :]
 
 
-def dump_lease(
-    token: str,
+def dump_lease_meta(
     digest: str,
     *,
     started_at: float,
     background: bool,
     progress: Progress | None = None,
 ) -> bytes:
+    """The lease's JSON part (the acquire script puts the token and the fence before it)."""
     p = None
     if progress is not None:
         p = [progress.done, progress.total, progress.message, progress.eta]
     meta = {"k": digest, "t0": started_at, "bg": background, "p": p}
-    return token.encode("ascii") + json.dumps(meta, separators=(",", ":")).encode("ascii")
+    return json.dumps(meta, separators=(",", ":")).encode("ascii")
+
+
+def dump_lease(
+    token: str,
+    fence: int,
+    digest: str,
+    *,
+    started_at: float,
+    background: bool,
+    progress: Progress | None = None,
+) -> bytes:
+    meta = dump_lease_meta(digest, started_at=started_at, background=background, progress=progress)
+    return token.encode("ascii") + fence_text(fence) + meta
 
 
 def _number(value: object, *, optional: bool) -> float | None:
@@ -191,7 +243,8 @@ def _number(value: object, *, optional: bool) -> float | None:
 
 def parse_lease(data: bytes, digest: str) -> LeaseInfo:
     token = _token(data[:TOKEN_LEN])
-    obj = _object(data[TOKEN_LEN:])
+    fence = _fence(data[TOKEN_LEN : TOKEN_LEN + FENCE_LEN])
+    obj = _object(data[TOKEN_LEN + FENCE_LEN :])
     if obj.get("k") != digest:
         raise CorruptRecord("lease belongs to another key")
     background = obj.get("bg", False)
@@ -214,7 +267,11 @@ def parse_lease(data: bytes, digest: str) -> LeaseInfo:
             eta=_number(p[3], optional=True),
         )
     return LeaseInfo(
-        token=token, started_at=_time(obj.get("t0")), background=background, progress=progress
+        token=token,
+        fence=fence,
+        started_at=_time(obj.get("t0")),
+        background=background,
+        progress=progress,
     )
 
 

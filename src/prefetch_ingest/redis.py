@@ -27,6 +27,7 @@ The store runs on asyncio only (``redis.asyncio``).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import json
 import math
@@ -56,6 +57,7 @@ from ._redis_keys import Names, encode_key, names_for
 from ._redis_records import (
     CorruptRecord,
     dump_lease,
+    dump_lease_meta,
     dump_notice,
     dump_record,
     parse_lease,
@@ -66,7 +68,7 @@ from ._redis_scripts import ACQUIRE, COMPLETE, INVALIDATE, RELEASE, RENEW
 from ._store import LoadOutcome, StoredEntry
 from ._types import Progress, Status
 
-__all__ = ["Codec", "CodecError", "JSONCodec", "RedisStore"]
+__all__ = ["Codec", "CodecError", "JSONCodec", "RedisStore", "current_fence"]
 
 _T = TypeVar("_T")
 
@@ -157,6 +159,35 @@ class CodecError(PrefetchError):
 # helpers
 
 
+_current_fence: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "prefetch_ingest_fence", default=None
+)
+
+
+def current_fence() -> int | None:
+    """The fencing number of the Redis lease the calling load runs under, else ``None``.
+
+    Call it inside a load (the function the Prefetcher runs for a key, or a
+    task it starts). Each run of a key that takes the key's lease gets a fence
+    greater than every earlier run of that key, even across a Redis restart
+    that lost every key (the fence is at least the Redis server's clock in
+    microseconds). Hand it to the system the load writes to, and have that
+    system refuse a write whose fence is lower than the one it already holds::
+
+        INSERT INTO run_stats (project_id, run_id, stats, fence)
+        VALUES ($1, $2, $3, $4)
+        ON CONFLICT (project_id, run_id) DO UPDATE
+           SET stats = EXCLUDED.stats, fence = EXCLUDED.fence
+         WHERE run_stats.fence < EXCLUDED.fence
+
+    so a run that lost its lease (paused, partitioned, or outlived by a Redis
+    restart) cannot overwrite the result of the run that replaced it there
+    either. ``None`` outside a load, with the in-memory store, and when the
+    load runs locally because Redis was unreachable (``fallback="local"``).
+    """
+    return _current_fence.get()
+
+
 def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
@@ -237,10 +268,21 @@ class _Signal:
 class _Ownership:
     """A run of a key in this process that holds (or held) the key's lease."""
 
-    __slots__ = ("background", "last_progress", "lost", "renewed", "started_at", "token")
+    __slots__ = (
+        "background",
+        "fence",
+        "last_progress",
+        "lost",
+        "renewed",
+        "started_at",
+        "token",
+    )
 
-    def __init__(self, token: str, started_at: float, background: bool, now: float) -> None:
+    def __init__(
+        self, token: str, fence: int, started_at: float, background: bool, now: float
+    ) -> None:
         self.token = token
+        self.fence = fence
         self.started_at = started_at
         self.background = background
         self.renewed = now  # monotonic time of the last confirmed take or renewal
@@ -596,7 +638,7 @@ class RedisStore:
                     self._log_fallback("load", exc, key)
                     return LoadOutcome(await run(), True)
                 if code == 0:
-                    return await self._own(key, names, token, run, background)
+                    return await self._own(key, names, token, int(data), run, background)
                 if code == 1:
                     try:
                         return self._use_record(names, data)
@@ -611,7 +653,8 @@ class RedisStore:
                 # code 3: another process holds the lease
                 holder = data[:32].decode("ascii", "replace")
                 if holder == token:  # a retried acquire whose first try took the lease
-                    return await self._own(key, names, token, run, background)
+                    fence = parse_lease(data, names.digest).fence
+                    return await self._own(key, names, token, fence, run, background)
                 try:
                     parse_lease(data, names.digest)
                 except CorruptRecord as exc:
@@ -645,11 +688,12 @@ class RedisStore:
     async def _acquire(
         self, names: Names, token: str, background: bool, force: bool, accepted: list[str]
     ) -> tuple[int, bytes]:
-        lease_value = dump_lease(token, names.digest, started_at=time.time(), background=background)
+        meta = dump_lease_meta(names.digest, started_at=time.time(), background=background)
         reply = await self._scripts["acquire"](
             keys=[names.record, names.lease, names.notice],
             args=[
-                lease_value,
+                token,
+                meta,
                 self._lease_ms,
                 "1" if force else "0",
                 self._channel,
@@ -671,11 +715,12 @@ class RedisStore:
         key: Hashable,
         names: Names,
         token: str,
+        fence: int,
         run: Callable[[], Awaitable[Any]],
         background: bool,
     ) -> LoadOutcome:
         """We hold the lease: run, renew meanwhile, write the outcome under fencing."""
-        own = _Ownership(token, time.time(), background, anyio.current_time())
+        own = _Ownership(token, fence, time.time(), background, anyio.current_time())
         self._owned[names.digest] = own
         settled = False  # the lease was handed back by the completion script
         try:
@@ -683,10 +728,13 @@ class RedisStore:
             value: Any = None
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._renew_loop, key, names, own)
+                fence_set = _current_fence.set(fence)
                 try:
                     value = await run()
                 except Exception as exc:  # recorded, then re-raised as is
                     failure = exc
+                finally:
+                    _current_fence.reset(fence_set)
                 tg.cancel_scope.cancel()
             if failure is None:
                 try:
@@ -768,6 +816,16 @@ class RedisStore:
                     raise self._unavailable("store the result", exc, key) from exc
                 self._log_fallback("store the result", exc, key)
                 return None
+            if written == 2:
+                _log.logger.warning(
+                    "prefetch.redis_superseded",
+                    key=_key_text(key),
+                    digest=names.digest,
+                    fence=own.fence,
+                    detail="a result of a later run (a greater fence) is stored: "
+                    "this run's result will not be stored",
+                )
+                return False
             if not written and not await self._written_by(names, own.token):
                 self._lease_lost(key, names, "completion")
                 return False
@@ -791,6 +849,7 @@ class RedisStore:
         record = dump_record(
             "c",
             own.token,
+            own.fence,
             names.digest,
             started_at=own.started_at,
             completed_at=now,
@@ -814,6 +873,7 @@ class RedisStore:
         record = dump_record(
             "f",
             own.token,
+            own.fence,
             names.digest,
             started_at=own.started_at,
             completed_at=now,
@@ -895,6 +955,7 @@ class RedisStore:
         own.last_progress = now
         value = dump_lease(
             own.token,
+            own.fence,
             names.digest,
             started_at=own.started_at,
             background=own.background,
