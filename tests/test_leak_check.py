@@ -3,8 +3,8 @@ alive (on asyncio and on trio), names it and where it waits, and stays quiet oth
 
 The checker is tried directly; the real hook is tried by running the suite's conftest
 (pytester) on tests that leak. The Redis store's tasks are recognised as ours and are
-gone once their Prefetcher closed, except in one case, kept here as a strict xfail: a
-shared lookup whose caller was cancelled outlives the Prefetcher (a known leak).
+gone once their Prefetcher closed, including a shared lookup whose caller was cancelled
+while Redis did not answer (found by this check: the store's close now ends it).
 """
 
 from __future__ import annotations
@@ -210,12 +210,6 @@ def test_the_hook_fails_every_async_test_that_leaves_a_task_of_ours(
 @pytest.mark.anyio
 @pytest.mark.redis
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="known leak: RedisStore.aclose neither cancels nor awaits the shared lookups "
-    "(RedisStore._reads), so an MGET whose caller was cancelled outlives the Prefetcher",
-)
 async def test_a_lookup_whose_caller_was_cancelled_ends_when_its_prefetcher_closes(
     redis_server: RedisServer,
 ) -> None:

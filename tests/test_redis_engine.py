@@ -18,6 +18,7 @@ from structlog.testing import capture_logs
 
 from prefetch_ingest import (
     Prefetcher,
+    PrefetcherClosed,
     Progress,
     RemoteLoadError,
     Status,
@@ -253,6 +254,37 @@ async def test_closing_cancels_a_load_and_releases_its_lease(redis_server: Redis
         await load.started.wait()
         assert redis_server.command("KEYS", "*:l")
     assert redis_server.command("KEYS", "*") == []
+
+
+async def test_a_caller_waiting_on_redis_gets_prefetcher_closed_when_it_closes(
+    redis_server: RedisServer,
+) -> None:
+    """A get from a task outside the Prefetcher waits on a lookup Redis does not answer; the
+    Prefetcher closes: the lookup is ended (no task left) and the caller gets
+    PrefetcherClosed, not a stray cancellation."""
+    outcome: list[BaseException] = []
+    store = RedisStore(redis_server.url)
+
+    async def caller(pf: Prefetcher[str, str]) -> None:
+        try:
+            await pf.get("k")
+        except Exception as exc:  # the outcome is the assertion
+            outcome.append(exc)
+
+    async def looking_up() -> bool:
+        return bool(store._reads)
+
+    try:
+        async with anyio.create_task_group() as outside:
+            async with Prefetcher(Counter(), store=store) as pf:
+                assert await pf.get("warm") == "value"
+                redis_server.pause()  # the next MGET gets no answer
+                outside.start_soon(caller, pf)
+                await until(looking_up)
+            assert not store._reads
+    finally:
+        redis_server.resume()
+    assert len(outcome) == 1 and isinstance(outcome[0], PrefetcherClosed), outcome
 
 
 async def test_application_client_is_left_open(redis_server: RedisServer) -> None:

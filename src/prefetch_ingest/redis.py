@@ -52,7 +52,7 @@ except ImportError as _exc:  # pragma: no cover - depends on the environment
     ) from _exc
 
 from . import _log
-from ._errors import PrefetchError, RemoteLoadError, StoreError
+from ._errors import PrefetcherClosed, PrefetchError, RemoteLoadError, StoreError
 from ._redis_keys import Names, encode_key, names_for
 from ._redis_records import (
     CorruptRecord,
@@ -456,12 +456,21 @@ class RedisStore:
         await self._check_eviction_policy(client)
 
     async def aclose(self) -> None:
-        """Stop listening and disconnect; an application's own client is left open."""
+        """Stop listening and disconnect; an application's own client is left open.
+
+        Shared lookups still in flight end here too: a lookup runs as a task of
+        its own (so one caller's cancellation does not cancel it for the
+        others), and a lookup whose callers all left would otherwise outlive
+        the store (with Redis not answering, for as long as the client retries).
+        """
         reader, self._reader = self._reader, None
-        if reader is not None:
-            reader.cancel()
+        tasks = [] if reader is None else [reader]
+        tasks.extend(self._reads.values())
+        for task in tasks:
+            task.cancel()
+        if tasks:
             with anyio.CancelScope(shield=True):
-                await asyncio.wait([reader])
+                await asyncio.wait(tasks)
         for signal in self._signals.values():
             signal.fire()
         self._subscribed = None
@@ -541,6 +550,12 @@ class RedisStore:
         try:
             reply = await asyncio.shield(read)
             record, lease = cast("list[bytes | None]", reply)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if read.cancelled() and task is not None and not task.cancelling():
+                # not this caller's cancellation: the store closed under it
+                raise PrefetcherClosed("the store was closed while this lookup waited") from None
+            raise
         except _REDIS_ERRORS as exc:
             if self._fallback is None:
                 raise self._unavailable("lookup", exc, key) from exc
