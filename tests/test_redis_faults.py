@@ -166,6 +166,88 @@ async def test_cancellation_at_any_point_never_leaves_a_lease_without_expiry(
             redis_server.command("DEL", name)
 
 
+async def test_cancelled_right_after_the_acquire_landed_the_lease_is_handed_back(
+    redis_server: RedisServer,
+) -> None:
+    """The acquire script ran in Redis (the lease is taken) but its reply has not reached
+    the caller when the load is cancelled: the lease is released at once (not left to
+    expire), and status agrees with Redis."""
+    landed = anyio.Event()
+    ran: list[str] = []
+
+    async def load() -> Any:
+        ran.append("k")
+        return "v"
+
+    async with opened(RedisStore(redis_server.url, lease=30.0)) as store:
+        acquire = store._scripts["acquire"]
+
+        async def acquire_then_stall(**kwargs: Any) -> Any:
+            await acquire(**kwargs)  # the SET NX has landed ...
+            landed.set()
+            await anyio.sleep_forever()  # ... and the reply never arrives
+
+        store._scripts["acquire"] = acquire_then_stall
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(functools.partial(store.load, "k", load, background=False, force=False))
+            await landed.wait()
+            assert int(redis_server.command("PTTL", lease_key("prefetch_ingest", "k"))) > 0
+            tg.cancel_scope.cancel()
+        store._scripts["acquire"] = acquire
+        assert redis_server.command("EXISTS", lease_key("prefetch_ingest", "k")) == 0
+        assert await store.lookup("k") is None
+    assert ran == []
+
+
+async def test_cancelled_while_releasing_the_release_still_completes(
+    redis_server: RedisServer,
+) -> None:
+    """A running load is cancelled and its release is held up on the way to Redis: the
+    cancellation does not cut the release short (it is shielded), so once it goes through the
+    lease is gone and status agrees with Redis; until then the lease still has its expiry."""
+    started = anyio.Event()
+    releasing = anyio.Event()
+    proceed = anyio.Event()
+
+    async def load() -> Any:
+        started.set()
+        await anyio.sleep_forever()
+
+    async with opened(RedisStore(redis_server.url, lease=30.0)) as store:
+        release = store._scripts["release"]
+
+        async def held_release(**kwargs: Any) -> Any:
+            releasing.set()
+            await proceed.wait()
+            return await release(**kwargs)
+
+        store._scripts["release"] = held_release
+        ended = anyio.Event()
+
+        async def run() -> None:
+            try:
+                await store.load("k", load, background=False, force=False)
+            finally:
+                ended.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            await started.wait()
+            tg.cancel_scope.cancel()
+            with anyio.CancelScope(shield=True):
+                await releasing.wait()
+                assert not ended.is_set()  # the cancelled load waits for its release
+                pttl = int(redis_server.command("PTTL", lease_key("prefetch_ingest", "k")))
+                assert 0 < pttl <= 30_000
+                entry = await store.lookup("k")
+                assert entry is not None and entry.status is Status.RUNNING
+                proceed.set()
+                await ended.wait()
+        store._scripts["release"] = release
+        assert redis_server.command("EXISTS", lease_key("prefetch_ingest", "k")) == 0
+        assert await store.lookup("k") is None
+
+
 @pytest.mark.slow
 async def test_owner_process_paused_past_its_lease(redis_server: RedisServer) -> None:
     """SIGSTOP the owning process past its lease: another process takes over and completes;
