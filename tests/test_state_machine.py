@@ -26,6 +26,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from prefetch_ingest import Prefetcher, Status
 
+from .conftest import check_no_task_of_ours
 from .helpers import FakeClock
 
 TTL = 10.0
@@ -164,7 +165,9 @@ class PrefetcherMachine(RuleBasedStateMachine):
             max_concurrency=self.limit,
             clock=self.clock,
         )
-        self.stack.enter_context(self.portal.wrap_async_context_manager(self.pf))
+        self.open = ExitStack()  # the Prefetcher's block, closed before the portal
+        self.stack.enter_context(self.open)
+        self.open.enter_context(self.portal.wrap_async_context_manager(self.pf))
         self.model = Model(limit=self.limit, refresh=self.refresh, now=self.clock.now)
         self.calls: list[tuple[Any, Any]] = []  # (expected, outcome box)
         self.ids = itertools.count()
@@ -174,8 +177,14 @@ class PrefetcherMachine(RuleBasedStateMachine):
             self.portal.call(self.release_all)
             for expected, box in self.calls:
                 assert box, f"a get never ended (expected {expected!r})"
+            self.open.close()
+            self.portal.call(self.no_task_of_ours_left)
         finally:
             self.stack.close()
+
+    async def no_task_of_ours_left(self) -> None:
+        """The leak check of every async test, here in the portal's own loop."""
+        check_no_task_of_ours([self.pf])
 
     async def release_all(self) -> None:
         for execution in list(self.loader.running):
