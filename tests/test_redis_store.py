@@ -765,3 +765,33 @@ async def test_logs_escape_keys_and_hide_passwords(redis_server: RedisServer) ->
         await store.open(ttl=None, failure_ttl=0.0)
     assert "hunter2" not in str(info.value)
     assert "hunter2" not in repr(logs)
+
+
+async def test_close_ends_even_when_a_cancellation_is_swallowed_by_the_client() -> None:
+    """A peer that accepts every connection and drops it at once (a proxy with no healthy
+    Redis behind it): the notification reader keeps reconnecting, and on Python 3.11 a
+    cancellation landing inside redis-py's connect can be swallowed. ``aclose`` cancels
+    again until the reader ends, so it never waits forever."""
+    import asyncio
+    import random
+
+    async def drop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.transport.abort()
+
+    server = await asyncio.start_server(drop, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with capture_logs():
+            for _ in range(80):
+                client = aioredis.Redis(host="127.0.0.1", port=port, retry=None)
+                store = RedisStore(client, fallback="local", poll_interval=0.05)
+                await store.open(ttl=None, failure_ttl=0.0)
+                await store.wait_change("k", 0.01)  # starts the reader
+                await anyio.sleep(random.random() * 0.1)  # it reconnects every poll_interval
+                closing = asyncio.get_running_loop().create_task(store.aclose())
+                done, _ = await asyncio.wait({closing}, timeout=5)
+                assert done, "RedisStore.aclose did not end"
+                await client.aclose()
+    finally:
+        server.close()
+        await server.wait_closed()

@@ -464,13 +464,17 @@ class RedisStore:
         the store (with Redis not answering, for as long as the client retries).
         """
         reader, self._reader = self._reader, None
-        tasks = [] if reader is None else [reader]
-        tasks.extend(self._reads.values())
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            with anyio.CancelScope(shield=True):
-                await asyncio.wait(tasks)
+        tasks = {*self._reads.values()}
+        if reader is not None:
+            tasks.add(reader)
+        with anyio.CancelScope(shield=True):
+            while tasks:
+                # Cancel again until they end: on Python 3.11 a cancellation that
+                # lands while redis-py's connection code is inside its own timeout
+                # can be swallowed, and one cancel() would then wait forever.
+                for task in tasks:
+                    task.cancel()
+                _, tasks = await asyncio.wait(tasks, timeout=0.1)
         for signal in self._signals.values():
             signal.fire()
         self._subscribed = None
