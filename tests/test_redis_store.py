@@ -783,7 +783,7 @@ async def test_close_ends_even_when_a_cancellation_is_swallowed_by_the_client() 
     try:
         with capture_logs():
             for _ in range(80):
-                client = aioredis.Redis(host="127.0.0.1", port=port, retry=None)
+                client = aioredis.Redis(host="127.0.0.1", port=port, retry=None)  # type: ignore[arg-type]  # redis-py accepts None: no retries
                 store = RedisStore(client, fallback="local", poll_interval=0.05)
                 await store.open(ttl=None, failure_ttl=0.0)
                 await store.wait_change("k", 0.01)  # starts the reader
