@@ -36,6 +36,22 @@ def server_time_us(server: RedisServer) -> int:
     return int(seconds) * 1_000_000 + int(micros)
 
 
+def completed_record(token: str, fence: int, payload: bytes) -> bytes:
+    """A completed record of key ``"k"`` as a run holding ``fence`` would store it."""
+    return dump_record(
+        "c",
+        token,
+        fence,
+        digest_of("k"),
+        started_at=None,
+        completed_at=0.0,
+        expires_at=None,
+        background=False,
+        error=None,
+        payload=payload,
+    )
+
+
 def fenced(value: Any, seen: list[int | None]) -> Any:
     async def load() -> Any:
         seen.append(current_fence())
@@ -72,18 +88,7 @@ async def test_the_fence_goes_on_from_a_stored_fence_ahead_of_the_clock(
     redis_server.command(
         "SET",
         record_key("prefetch_ingest", "k"),
-        dump_record(
-            "c",
-            "a" * 32,
-            ahead,
-            digest_of("k"),
-            started_at=None,
-            completed_at=0.0,
-            expires_at=None,
-            background=False,
-            error=None,
-            payload=b'"from ahead"',
-        ),
+        completed_record("a" * 32, ahead, b'"from ahead"'),
     )
     seen: list[int | None] = []
     async with opened(RedisStore(redis_server.url)) as store:
@@ -110,18 +115,6 @@ async def test_a_completion_never_replaces_a_result_of_a_greater_fence(
         await finish.wait()
         return "older run"
 
-    later = dump_record(
-        "c",
-        "b" * 32,
-        0,  # replaced below, once the running fence is known
-        digest_of("k"),
-        started_at=None,
-        completed_at=0.0,
-        expires_at=None,
-        background=False,
-        error=None,
-        payload=b'"later run"',
-    )
     result: list[Any] = []
     with capture_logs() as logs:
         async with opened(RedisStore(redis_server.url), ttl=60.0) as store:
@@ -136,7 +129,7 @@ async def test_a_completion_never_replaces_a_result_of_a_greater_fence(
                 assert fence is not None
                 lease = redis_server.command("GET", lease_key("prefetch_ingest", "k"))
                 assert parse_lease(lease, digest_of("k")).fence == fence
-                later = later.replace(b"0" * 16, b"%016d" % (fence + 1), 1)
+                later = completed_record("b" * 32, fence + 1, b'"later run"')
                 redis_server.command("SET", record_key("prefetch_ingest", "k"), later)
                 finish.set()
             entry = await store.lookup("k")
