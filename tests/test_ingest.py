@@ -435,6 +435,9 @@ async def test_after_query_on_a_run_in_flight_starts_nothing() -> None:
         assert ingest.after_query("p", "r") is True
         assert ingest.after_query("p", "r") is False
         pipeline.release.set()
+        with anyio.fail_after(5):
+            result = await ingest.ingest("p", "r")
+    assert result.source in ("joined", "hit")
     assert pipeline.calls == [("p", "r")]
 
 

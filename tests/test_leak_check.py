@@ -68,8 +68,8 @@ async def test_a_task_of_a_closed_prefetcher_is_a_leak_named_with_where_it_waits
         await wait_all_tasks_blocked()
         left = tasks_of_ours_left([pf])
         assert len(left) == 1, left
-        assert "Prefetcher._sweeper (prefetch_ingest/_engine.py:" in left[0]
-        assert "sleep" in left[0]  # where it is suspended
+        assert "Prefetcher._sweeper (engine/prefetcher.py:" in left[0]
+        assert "Event.wait" in left[0]  # where it is suspended
         with pytest.raises(AssertionError, match=r"still alive after the test:\n.*_sweeper"):
             check_no_task_of_ours([pf])
         tg.cancel_scope.cancel()

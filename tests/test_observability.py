@@ -114,7 +114,7 @@ async def test_watch_sees_pending_running_progress_completed_in_order() -> None:
         (Status.RUNNING, None),
         (Status.RUNNING, 1),
         (Status.RUNNING, 2),
-        (Status.COMPLETED, 2),
+        (Status.COMPLETED, None),  # the key's snapshot: a completed value has no progress
     ]
 
 

@@ -494,7 +494,7 @@ class TwoInstancesMachine(RuleBasedStateMachine):
                 if call.expect[0] != "exec" and not call.box:
                     return f"a call still waiting: {call.instance} {call.key} {call.expect}"
             for i, instance in enumerate(self.instances):
-                live = sorted(str(f.key) for f in instance.pf._live)
+                live = sorted(str(f.key) for f in instance.pf._core.live)
                 if live != sorted(m.flights[i]):
                     return f"instance {i} flights {live}, model {sorted(m.flights[i])}"
                 for key, (execution, _) in m.flights[i].items():
@@ -596,7 +596,7 @@ class TwoInstancesMachine(RuleBasedStateMachine):
         return sorted(self.loader.running, key=lambda e: (e.key, e.number))
 
     def _has_flight(self, instance: int, key: str) -> bool:
-        return any(f.key == key for f in self.instances[instance].pf._live)
+        return any(f.key == key for f in self.instances[instance].pf._core.live)
 
     def _spawn(self, instance: int, key: str, force: bool, expect: Any) -> None:
         call = Call(instance, key, [], self.portal.call(anyio.CancelScope), expect)

@@ -286,7 +286,11 @@ class PrefetcherMachine(RuleBasedStateMachine):
     def invalidate(self, key: str) -> None:
         m = self.model
         expected = m.current(key) is not None
-        m.entries.pop(key, None)
+        entry = m.entries.pop(key, None)
+        if isinstance(entry, MFlight) and entry.status is Status.PENDING:
+            # a pending load is dropped with nothing run (a running one is only detached)
+            m.flights.remove(entry)
+            entry.status = Status.FAILED
         assert self.portal.call(self.pf.invalidate, key) is expected
 
     @rule(seconds=st.sampled_from([0.5, 2.0, 4.0, 7.0, 11.0]))

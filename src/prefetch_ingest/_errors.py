@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 __all__ = [
+    "CodecError",
+    "LoadCancelled",
     "PrefetchError",
     "PrefetcherClosed",
     "ReentrantLoadError",
     "RemoteLoadError",
     "StoreError",
+    "WrongThreadError",
 ]
 
 
@@ -61,3 +64,28 @@ class RemoteLoadError(PrefetchError):
     def __init__(self, error: str) -> None:
         self.error = error
         super().__init__(f"the load failed in another process: {error}")
+
+
+class LoadCancelled(PrefetchError):
+    """The load this caller awaited was cancelled by :meth:`Prefetcher.cancel`.
+
+    Every waiter of that load gets it; nothing was stored, and the key is as
+    it was before that load started.
+    """
+
+
+class WrongThreadError(PrefetchError, RuntimeError):
+    """A Prefetcher was called from a thread other than its event loop's.
+
+    From a worker thread (a sync web handler), hop to the loop first, e.g.
+    ``anyio.from_thread.run_sync(pf.prefetch, key)``.
+    """
+
+
+class CodecError(PrefetchError):
+    """A load's value could not be encoded (by a shared store's codec, or as the ingest
+    adapter's JSON stats), so it was not stored.
+
+    The load counts as failed (``status`` reports this error); the codec's own
+    exception is chained as ``__cause__``.
+    """

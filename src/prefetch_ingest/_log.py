@@ -1,4 +1,4 @@
-"""structlog plumbing: one logger, and level checks done once, not per event.
+"""structlog plumbing: one logger, level checks done once, and safe renderings of user data.
 
 Events are named ``prefetch.<transition>``. The hit event is DEBUG; the engine
 asks :func:`levels` once when it is entered and, when DEBUG is off, the hit
@@ -9,6 +9,10 @@ to stdout. A library must not flood an application that never configured
 logging, so until structlog is configured (``structlog.is_configured()``)
 only WARNING and above (``prefetch.failed``) are emitted; once the
 application configures structlog, its level filtering decides.
+
+Keys and identifiers come from users (a run id from a URL): they are logged
+through :func:`key_for_log`, which escapes control characters (a newline
+could forge a second line in a plain-text log) and bounds the length.
 """
 
 from __future__ import annotations
@@ -19,9 +23,12 @@ from typing import Any
 import attrs
 import structlog
 
-__all__ = ["Levels", "key_for_log", "levels", "logger"]
+__all__ = ["MAX_LOGGED", "Levels", "key_for_log", "levels", "logger"]
 
 logger: Any = structlog.get_logger("prefetch_ingest")
+
+MAX_LOGGED = 200
+"""Longest rendering of a key or identifier in a log event, in characters."""
 
 
 @attrs.frozen
@@ -54,13 +61,30 @@ def levels() -> Levels:
     )
 
 
-def key_for_log(key: object) -> object:
-    """A key as it goes into a log event.
+def _bounded(text: str) -> str:
+    if len(text) > MAX_LOGGED:
+        return text[: MAX_LOGGED - 1] + "…"
+    return text
 
-    Strings with control characters (a newline could forge a second log line
-    in a plain-text log) are logged as their ``repr``; everything else as is
-    (renderers already ``repr`` tuples and numbers).
+
+def key_for_log(key: object) -> object:
+    """A key (or identifier) as it goes into a log event: escaped, and at most MAX_LOGGED long.
+
+    Printable strings and plain numbers are logged as they are; anything else
+    as its ``repr`` (which escapes control characters), truncated. A key whose
+    ``repr`` raises is logged by its type name.
     """
-    if type(key) is str and not key.isprintable():
-        return repr(key)
-    return key
+    cls = key.__class__
+    if cls is str:
+        if key.isprintable():  # type: ignore[attr-defined]
+            return key if len(key) <= MAX_LOGGED else _bounded(key)  # type: ignore[arg-type]
+        return _bounded(repr(key))
+    if cls is int or cls is float or cls is bool or key is None:
+        return key
+    try:
+        text = repr(key)
+    except Exception:
+        return f"<{cls.__name__}>"
+    if not text.isprintable():
+        text = text.encode("unicode_escape").decode("ascii")
+    return _bounded(text)

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import enum
 from datetime import datetime
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import attrs
 
-__all__ = ["Progress", "Snapshot", "Stats", "Status"]
+V = TypeVar("V")
+
+__all__ = ["Progress", "Served", "Snapshot", "Source", "Stats", "Status"]
 
 
 class Status(enum.StrEnum):
@@ -36,6 +38,34 @@ class Status(enum.StrEnum):
     def terminal(self) -> bool:
         """True for ``COMPLETED`` and ``FAILED``: the load has ended."""
         return self is Status.COMPLETED or self is Status.FAILED
+
+
+class Source(enum.StrEnum):
+    """How a call of :meth:`~prefetch_ingest.Prefetcher.serve` was served.
+
+    The string values are ``"hit"``, ``"joined"`` and ``"ran"``.
+    """
+
+    HIT = "hit"
+    """A completed value, served without waiting: a fresh one, a stale one
+    served while a ``refresh_after`` reload runs, or one found in a shared store."""
+    JOINED = "joined"
+    """The call awaited a load already in flight (here or in another instance)."""
+    RAN = "ran"
+    """The call started the load it awaited."""
+
+
+@attrs.frozen
+class Served(Generic[V]):
+    """What :meth:`~prefetch_ingest.Prefetcher.serve` returns: the value and how it was served.
+
+    Attributes:
+        value: exactly what ``get`` would have returned.
+        source: see :class:`Source`.
+    """
+
+    value: V
+    source: Source
 
 
 @attrs.frozen
@@ -116,6 +146,12 @@ class Stats:
         saved_seconds: load time callers did not have to wait, thanks to a
             hit (the whole load's duration) or a join (the part of the load
             that had already run when they joined).
+        cancelled: loads ended by :meth:`~prefetch_ingest.Prefetcher.cancel`
+            or by leaving the ``async with`` block before they finished.
+        unclaimed: background loads that completed but whose value no caller
+            was ever served (by a hit, a join or ``serve``) before it expired,
+            was evicted, invalidated or replaced: speculative work nobody used.
+        wasted_seconds: the load time of those ``unclaimed`` loads.
         waiters: callers awaiting a load right now.
         watchers: ``watch`` iterators registered right now.
     """
@@ -136,6 +172,9 @@ class Stats:
     expirations: int = 0
     load_seconds: float = 0.0
     saved_seconds: float = 0.0
+    cancelled: int = 0
+    unclaimed: int = 0
+    wasted_seconds: float = 0.0
     waiters: int = 0
     watchers: int = 0
 

@@ -25,6 +25,7 @@ Example::
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from datetime import datetime
 from types import TracebackType
@@ -33,8 +34,11 @@ from typing import Any, Literal, Protocol, Self, runtime_checkable
 import attrs
 import structlog
 
-from ._engine import Prefetcher
+from ._errors import CodecError
+from ._log import key_for_log
 from ._types import Progress, Snapshot, Stats, Status
+from ._validate import error_text, is_coroutine_function
+from .engine import Prefetcher
 
 __all__ = [
     "IngestKey",
@@ -188,7 +192,7 @@ def _key(project_id: object, run_id: object) -> IngestKey:
 
 
 def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
+    return error_text(exc)
 
 
 class IngestPrefetcher:
@@ -222,10 +226,16 @@ class IngestPrefetcher:
         persisted_stats: PersistedStats | None = None,
         **prefetcher_options: Any,
     ) -> None:
-        if not callable(getattr(pipeline, "ingest_run", None)):
+        ingest_run = getattr(pipeline, "ingest_run", None)
+        if not callable(ingest_run):
             raise TypeError(
                 f"pipeline must have an async ingest_run(project_id, run_id) method, "
                 f"got {type(pipeline).__name__}"
+            )
+        if not is_coroutine_function(ingest_run):
+            raise TypeError(
+                f"pipeline.ingest_run must be a coroutine function (async def), "
+                f"got a plain callable on {type(pipeline).__name__}"
             )
         if persisted_stats is not None and not callable(persisted_stats):
             raise TypeError(
@@ -239,12 +249,8 @@ class IngestPrefetcher:
         self._pipeline = pipeline
         self._persisted_stats = persisted_stats
         self._prefetcher: Prefetcher[IngestKey, Mapping[str, Any]] = Prefetcher(
-            self._run, **prefetcher_options
+            self._load_demanded, **prefetcher_options
         )
-        # Tokens of ingest() calls now awaiting get(), and what the load each
-        # of them passed to get() returned (see ingest() for why).
-        self._awaiting: set[object] = set()
-        self._produced: dict[object, Mapping[str, Any]] = {}
 
     @property
     def prefetcher(self) -> Prefetcher[IngestKey, Mapping[str, Any]]:
@@ -263,21 +269,36 @@ class IngestPrefetcher:
     ) -> bool | None:
         return await self._prefetcher.__aexit__(exc_type, exc, tb)
 
-    async def _run(self, key: IngestKey) -> Mapping[str, Any]:
+    async def _load_demanded(self, key: IngestKey) -> Mapping[str, Any]:
+        return await self._load(key, False)
+
+    async def _load(self, key: IngestKey, background: bool) -> Mapping[str, Any]:
+        """The load the Prefetcher runs for a run: the pipeline, checked and JSON-ready.
+
+        A background run (``after_query``) asks ``persisted_stats`` first, so
+        that stats already in the database complete it without running the
+        pipeline again (no second LLM bill after a restart).
+        """
         project_id, run_id = key
+        if background:
+            persisted = await self._lookup_persisted(project_id, run_id)
+            if persisted is not None:
+                return persisted
         stats = await self._pipeline.ingest_run(project_id, run_id)
         if not isinstance(stats, Mapping):
             raise TypeError(
                 f"{type(self._pipeline).__name__}.ingest_run({project_id!r}, {run_id!r}) "
                 f"returned {type(stats).__name__}, expected a mapping of statistics"
             )
-        return dict(stats)
-
-    async def _run_for(self, token: object, key: IngestKey) -> Mapping[str, Any]:
-        stats = await self._run(key)
-        if token in self._awaiting:
-            self._produced[token] = stats
-        return stats
+        result = dict(stats)
+        try:
+            json.dumps(result)
+        except (TypeError, ValueError) as exc:
+            raise CodecError(
+                f"the stats of run ({project_id!r}, {run_id!r}) are not JSON-encodable: "
+                f"{error_text(exc)}"
+            ) from exc
+        return result
 
     def after_query(self, project_id: str, run_id: str) -> bool:
         """Start the run's ingest in the background, once its Query has been answered.
@@ -293,12 +314,14 @@ class IngestPrefetcher:
             completed and fresh, or if starting failed.
         """
         try:
-            return self._prefetcher.prefetch(_key(project_id, run_id))
+            key = _key(project_id, run_id)
+            return self._prefetcher.prefetch(key, self._load, key, True)
         except Exception as exc:
             _log.warning(
                 "ingest.start_failed",
-                project_id=project_id,
-                run_id=run_id,
+                name=self._prefetcher.name,
+                project_id=key_for_log(project_id),
+                run_id=key_for_log(run_id),
                 error=_describe(exc),
                 exc_info=exc,
             )
@@ -321,14 +344,9 @@ class IngestPrefetcher:
         Concurrent calls for one run share one execution: one of them reports
         ``"ran"`` and the others ``"joined"``.
 
-        How the source is decided, and its races: the call passes the
-        Prefetcher a load function of its own, so it knows for certain whether
-        *its* load ran (``"ran"``). Otherwise it reports ``"hit"`` if the run
-        was completed when the call began, else ``"joined"``. A run that
-        completes between that first look and the wait is reported
-        ``"joined"`` although no waiting happened; a completed value that
-        expires in between is reported ``"ran"``, correctly. With a shared
-        store a run executed by another process is ``"joined"``.
+        The source is :meth:`Prefetcher.serve`'s: a click served the value a
+        ``refresh_after`` reload is replacing is a ``"hit"``; a run executed
+        by another instance sharing the store is ``"joined"``.
 
         Raises:
             ValueError: an id is empty or not a string.
@@ -342,26 +360,22 @@ class IngestPrefetcher:
             persisted = await self._lookup_persisted(project_id, run_id)
             if persisted is not None:
                 return IngestResult(stats=persisted, source="hit", persisted=True)
-        token = object()
-        self._awaiting.add(token)
-        try:
-            stats = await self._prefetcher.get(
-                key, self._run_for, token, key, force_refresh=force_refresh
-            )
-            produced = self._produced.pop(token, None)
-        finally:
-            self._awaiting.discard(token)
-            self._produced.pop(token, None)
-        source: Source
-        if produced is not None and (
-            produced is stats or force_refresh or before.status is not Status.COMPLETED
-        ):
-            source = "ran"
-        elif before.status is Status.COMPLETED and not force_refresh:
-            source = "hit"
-        else:
-            source = "joined"
-        return IngestResult(stats=stats, source=source)
+        served = await self._prefetcher.serve(
+            key, self._load, key, False, force_refresh=force_refresh
+        )
+        source: Source = served.source.value  # the same three strings
+        return IngestResult(stats=served.value, source=source)
+
+    async def cancel(self, project_id: str, run_id: str) -> bool:
+        """Cancel the run's pending or running ingest (the user left); True if there was one.
+
+        Every click awaiting it gets :class:`~prefetch_ingest.LoadCancelled`;
+        nothing is stored.
+
+        Raises:
+            ValueError: an id is empty or not a string.
+        """
+        return await self._prefetcher.cancel(_key(project_id, run_id))
 
     async def status(self, project_id: str, run_id: str) -> IngestStatus:
         """The run's state, for the status endpoint (see :meth:`IngestStatus.to_dict`).
@@ -423,8 +437,9 @@ class IngestPrefetcher:
         except Exception as exc:
             _log.warning(
                 "ingest.persisted_stats_failed",
-                project_id=project_id,
-                run_id=run_id,
+                name=self._prefetcher.name,
+                project_id=key_for_log(project_id),
+                run_id=key_for_log(run_id),
                 error=_describe(exc),
                 exc_info=exc,
             )
@@ -434,8 +449,9 @@ class IngestPrefetcher:
         if not isinstance(found, Mapping):
             _log.warning(
                 "ingest.persisted_stats_failed",
-                project_id=project_id,
-                run_id=run_id,
+                name=self._prefetcher.name,
+                project_id=key_for_log(project_id),
+                run_id=key_for_log(run_id),
                 error=f"TypeError: persisted_stats returned {type(found).__name__}, "
                 "expected a mapping or None",
             )

@@ -27,7 +27,6 @@ The store runs on asyncio only (``redis.asyncio``).
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import functools
 import json
 import math
@@ -52,7 +51,8 @@ except ImportError as _exc:  # pragma: no cover - depends on the environment
     ) from _exc
 
 from . import _log
-from ._errors import PrefetcherClosed, PrefetchError, RemoteLoadError, StoreError
+from ._errors import CodecError, PrefetcherClosed, RemoteLoadError, StoreError
+from ._fence import current_fence, fence_var
 from ._redis_keys import Names, encode_key, names_for
 from ._redis_records import (
     CorruptRecord,
@@ -67,6 +67,7 @@ from ._redis_records import (
 from ._redis_scripts import ACQUIRE, COMPLETE, INVALIDATE, RELEASE, RENEW
 from ._store import LoadOutcome, StoredEntry
 from ._types import Progress, Status
+from ._validate import error_text as _error_text
 
 __all__ = ["Codec", "CodecError", "JSONCodec", "RedisStore", "current_fence"]
 
@@ -147,49 +148,8 @@ class JSONCodec:
         return json.loads(data)
 
 
-class CodecError(PrefetchError):
-    """A load's value could not be encoded by the store's codec, so it was not stored.
-
-    The load counts as failed (``status`` reports this error); the codec's own
-    exception is chained as ``__cause__``.
-    """
-
-
 # ---------------------------------------------------------------------------
 # helpers
-
-
-_current_fence: contextvars.ContextVar[int | None] = contextvars.ContextVar(
-    "prefetch_ingest_fence", default=None
-)
-
-
-def current_fence() -> int | None:
-    """The fencing number of the Redis lease the calling load runs under, else ``None``.
-
-    Call it inside a load (the function the Prefetcher runs for a key, or a
-    task it starts). Each run of a key that takes the key's lease gets a fence
-    greater than every earlier run of that key, even across a Redis restart
-    that lost every key (the fence is at least the Redis server's clock in
-    microseconds). Hand it to the system the load writes to, and have that
-    system refuse a write whose fence is lower than the one it already holds::
-
-        INSERT INTO run_stats (project_id, run_id, stats, fence)
-        VALUES ($1, $2, $3, $4)
-        ON CONFLICT (project_id, run_id) DO UPDATE
-           SET stats = EXCLUDED.stats, fence = EXCLUDED.fence
-         WHERE run_stats.fence < EXCLUDED.fence
-
-    so a run that lost its lease (paused, partitioned, or outlived by a Redis
-    restart) cannot overwrite the result of the run that replaced it there
-    either. ``None`` outside a load, with the in-memory store, and when the
-    load runs locally because Redis was unreachable (``fallback="local"``).
-    """
-    return _current_fence.get()
-
-
-def _error_text(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
 
 
 def _key_text(key: object) -> str:
@@ -747,13 +707,13 @@ class RedisStore:
             value: Any = None
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._renew_loop, key, names, own)
-                fence_set = _current_fence.set(fence)
+                fence_set = fence_var.set(fence)
                 try:
                     value = await run()
                 except Exception as exc:  # recorded, then re-raised as is
                     failure = exc
                 finally:
-                    _current_fence.reset(fence_set)
+                    fence_var.reset(fence_set)
                 tg.cancel_scope.cancel()
             if failure is None:
                 try:
