@@ -241,10 +241,11 @@ async def test_every_transition_is_a_structured_event() -> None:
         "prefetch.started",
         "prefetch.completed",
         "prefetch.hit",
-        "prefetch.evicted",
-        "prefetch.started",
+        "prefetch.started",  # a load starting evicts nothing (v2) ...
+        "prefetch.evicted",  # ... storing its failure does: failures go before values
         "prefetch.failed",
     ]
+    assert logs[4]["key"] == "b"
     completed = logs[1]
     assert completed["key"] == "a" and completed["duration_s"] >= 0
     failed = logs[-1]

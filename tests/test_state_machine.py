@@ -302,7 +302,10 @@ class PrefetcherMachine(RuleBasedStateMachine):
     def sweep(self) -> None:
         m = self.model
         expired = [k for k in list(m.entries) if m.current(k) is None]
-        assert self.pf.sweep() == len(expired)
+        assert self.portal.call(self._sweep) == len(expired)
+
+    async def _sweep(self) -> int:
+        return self.pf.sweep()
 
     # -- invariants -----------------------------------------------------------
 
@@ -320,11 +323,14 @@ class PrefetcherMachine(RuleBasedStateMachine):
     def counters_agree(self) -> None:
         stats = self.pf.stats()
         flights = self.model.flights
-        assert stats.running == sum(f.status is Status.RUNNING for f in flights)
-        assert stats.pending == sum(f.status is Status.PENDING for f in flights)
-        assert len(self.loader.running) == stats.running
+        # a running load detached by invalidate runs on, but is no key's state (v2)
+        current = [f for f in flights if self.model.entries.get(f.key) is f]
+        assert stats.running == sum(f.status is Status.RUNNING for f in current)
+        assert stats.pending == sum(f.status is Status.PENDING for f in current)
+        running = sum(f.status is Status.RUNNING for f in flights)
+        assert len(self.loader.running) == running
         assert stats.load_successes + stats.load_failures == sum(self.loader.counts.values()) - (
-            stats.running
+            running
         )
 
     @property

@@ -40,9 +40,11 @@ class ReentrantLoadError(PrefetchError):
     """
 
     def __init__(self, key: object) -> None:
+        from ._validate import key_text
+
         self.key = key
         super().__init__(
-            f"re-entrant get: the load for key {key!r} awaits its own key "
+            f"re-entrant get: the load for key {key_text(key)} awaits its own key "
             "(it would wait for itself forever)"
         )
 

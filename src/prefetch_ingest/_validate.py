@@ -13,6 +13,7 @@ __all__ = [
     "check_limit",
     "error_text",
     "is_coroutine_function",
+    "key_text",
     "reject_fn",
 ]
 
@@ -97,3 +98,14 @@ def error_text(exc: BaseException) -> str:
     except Exception:  # a hostile __str__ must not break the reporting of the failure
         text = "<str() of the exception raised>"
     return f"{name}: {text}" if text else name
+
+
+def key_text(key: object, limit: int = 200) -> str:
+    """``repr(key)`` for a message, bounded, and safe from a ``repr`` that raises."""
+    try:
+        text = repr(key)
+    except Exception:
+        return f"<{type(key).__name__} whose repr() raised>"
+    if not text.isprintable():
+        text = text.encode("unicode_escape").decode("ascii")
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -446,14 +446,27 @@ class IngestPrefetcher:
             return None
         if found is None:
             return None
-        if not isinstance(found, Mapping):
-            _log.warning(
-                "ingest.persisted_stats_failed",
-                name=self._prefetcher.name,
-                project_id=key_for_log(project_id),
-                run_id=key_for_log(run_id),
-                error=f"TypeError: persisted_stats returned {type(found).__name__}, "
-                "expected a mapping or None",
-            )
-            return None
-        return dict(found)
+        if isinstance(found, Mapping):
+            stats = dict(found)
+            try:
+                json.dumps(stats)
+            except (TypeError, ValueError) as exc:
+                _log.warning(
+                    "ingest.persisted_stats_failed",
+                    name=self._prefetcher.name,
+                    project_id=key_for_log(project_id),
+                    run_id=key_for_log(run_id),
+                    error=f"CodecError: the persisted stats are not JSON-encodable "
+                    f"({error_text(exc)}); ignored",
+                )
+                return None
+            return stats
+        _log.warning(
+            "ingest.persisted_stats_failed",
+            name=self._prefetcher.name,
+            project_id=key_for_log(project_id),
+            run_id=key_for_log(run_id),
+            error=f"TypeError: persisted_stats returned {type(found).__name__}, "
+            "expected a mapping or None",
+        )
+        return None

@@ -407,3 +407,18 @@ async def test_keys_are_logged_escaped_and_truncated() -> None:
             await pf.get("a\nb\x1b[31m" + "z" * 1000)
     keys = [e["key"] for e in events if "key" in e]
     assert keys and all(isinstance(k, str) and k.isprintable() and len(k) <= 200 for k in keys)
+
+
+async def test_a_delayed_prefetch_follows_the_injected_clock() -> None:
+    clock = FakeClock()
+    loader = GatedLoader(gated=False)
+    async with Prefetcher(loader, clock=clock) as pf:
+        assert pf.prefetch("k", delay=3600) is True
+        clock.advance(3599)
+        assert (await pf.status("k")).status is Status.PENDING
+        assert [s.key for s in pf.in_flight()] == ["k"]
+        clock.advance(2)  # the delay has passed on the Prefetcher's clock
+        assert (await pf.status("k")).status is Status.RUNNING
+        with anyio.fail_after(5):
+            assert (await pf.wait("k")).status is Status.COMPLETED
+    assert loader.calls == {"k": 1}

@@ -89,7 +89,9 @@ class Flight:
         "chain",
         "claimed",
         "counted",
+        "detached",
         "done",
+        "entered",
         "error",
         "event",
         "fence",
@@ -147,6 +149,8 @@ class Flight:
         self.cancel_reason: str | None = None
         self.holds_slot = False
         self.counted = False  # told to the admission as started (and not yet as ended)
+        self.detached = False  # taken out of the table by invalidate while it ran
+        self.entered = False  # its task has begun running it (the shell sets it)
         self.p_done: float | None = None
         self.p_total: float | None = None
         self.p_message: str | None = None

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from prefetch_ingest._errors import LoadCancelled, PrefetcherClosed
 from prefetch_ingest._types import Status
-from prefetch_ingest._validate import error_text
+from prefetch_ingest._validate import error_text, key_text
 
 from .counters import Counters
 from .records import Done, Failed, Flight, Unclaimed
@@ -84,6 +84,7 @@ class Core:
         self.counters = Counters()
         self.queue: deque[Flight] = deque()  # admitted-when-possible background flights
         self.live: dict[Flight, None] = {}  # every flight not finished, oldest first
+        self.delayed: dict[Flight, None] = {}  # pending flights waiting for their delay
         self.bg_running = 0
         self.n_pending = 0
         self.n_running = 0
@@ -207,6 +208,7 @@ class Core:
         cls = prior.__class__
         if not (cls is Done or cls is Unclaimed or cls is Failed):
             prior = None
+        admitted = background and delay <= 0 and self.admits()  # decided before any change
         self.fence += 1
         flight = Flight(
             key,
@@ -227,9 +229,10 @@ class Core:
             self.counters.prefetches += 1
         if delay > 0:
             flight.not_before = now + delay
+            self.delayed[flight] = None
         elif not background:
             self._run(flight, now, holds_slot=False)
-        elif self.admits():
+        elif admitted:
             self._run(flight, now, holds_slot=True)
         else:
             self.queue.append(flight)
@@ -246,13 +249,20 @@ class Core:
 
     def promote(self, flight: Flight, now: float) -> bool:
         """A caller demands a pending flight: it runs now, outside the limit (True: it was)."""
+        self.delayed.pop(flight, None)
         if flight.status is not _PENDING or flight.done is not None:
             return False
         self._run(flight, now, holds_slot=False)  # it stays in the queue; admit_next skips it
         return True
 
-    def delay_over(self, flight: Flight, now: float) -> bool:
-        """A delayed flight's delay has passed: True if it runs now (else it queues)."""
+    def delay_over(self, flight: Flight, now: float) -> bool | None:
+        """A delayed flight's timer fired: True if it runs now, False if it queues for
+        admission (or is gone), None if its delay has not passed on the clock yet."""
+        if flight not in self.delayed:
+            return False
+        if now < flight.not_before:
+            return None
+        del self.delayed[flight]
         if flight.status is not _PENDING or flight.done is not None:
             return False
         if self.admits():
@@ -260,6 +270,10 @@ class Core:
             return True
         self.queue.append(flight)
         return False
+
+    def due(self, now: float) -> list[Flight]:
+        """Delayed flights whose delay has passed on the clock (their timers may lag)."""
+        return [f for f in self.delayed if f.not_before <= now]
 
     def admit_next(self, now: float) -> list[Flight]:
         """Queued flights that may run now (the limit rose, or a slot was freed)."""
@@ -285,7 +299,10 @@ class Core:
         """Common to every outcome: the flight is done; return its duration."""
         flight.done = now
         self.live.pop(flight, None)
-        if flight.status is _PENDING:
+        self.delayed.pop(flight, None)
+        if flight.detached:
+            pass  # no longer counted since invalidate took it out of the table
+        elif flight.status is _PENDING:
             self.n_pending -= 1
         else:
             self.n_running -= 1
@@ -398,14 +415,16 @@ class Core:
         if flight.done is not None:
             return False
         was_pending = flight.status is _PENDING
+        error: BaseException
+        if reason == "close":
+            error = PrefetcherClosed("the Prefetcher was closed before this load finished")
+        else:
+            what = "before it started" if was_pending else "while it ran"
+            error = LoadCancelled(f"the load for key {key_text(flight.key)} was cancelled {what}")
         self._end(flight, now)
         flight.cancel_reason = reason
         flight.status = Status.FAILED
-        if reason == "close":
-            flight.error = PrefetcherClosed("the Prefetcher was closed before this load finished")
-        else:
-            what = "before it started" if was_pending else "while it ran"
-            flight.error = LoadCancelled(f"the load for key {flight.key!r} was cancelled {what}")
+        flight.error = error
         self.counters.cancelled += 1
         if self.entries.get(flight.key) is not flight:
             flight.prior = None
@@ -425,16 +444,21 @@ class Core:
         if entry is None:
             return False, None
         if entry.__class__ is Flight:
-            self.table.detach(key, entry)
-            self._drop_prior(entry)
             if entry.status is _PENDING and entry.done is None:
+                error = LoadCancelled(
+                    f"the load for key {key_text(key)} was dropped by invalidate before it started"
+                )
+                self.table.detach(key, entry)
+                self._drop_prior(entry)
                 self._end(entry, now)
                 entry.status = Status.FAILED
                 entry.cancel_reason = "invalidate"
-                entry.error = LoadCancelled(
-                    f"the load for key {key!r} was dropped by invalidate before it started"
-                )
+                entry.error = error
                 return True, entry
+            self.table.detach(key, entry)
+            self._drop_prior(entry)
+            entry.detached = True  # it runs on for its waiters, but is no key's state
+            self.n_running -= 1
             return True, None
         self.table.pop(key)
         return True, None
@@ -454,6 +478,7 @@ class Core:
 
     def clear(self) -> None:
         self.queue.clear()
+        self.delayed.clear()
         self.table.clear()
 
     # -- numbers ---------------------------------------------------------------------

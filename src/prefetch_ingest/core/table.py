@@ -16,8 +16,10 @@ failure's exception object and traceback are let go (:meth:`release_failures`);
 the text stays until ``ttl``.
 
 Recency and bounds: with ``max_entries`` the table is an ``OrderedDict`` in
-LRU order (a hit moves its key to the end). Eviction takes failures first
-(oldest first), then the least recently used values, never a flight.
+LRU order (a hit moves its key to the end). ``max_entries`` bounds the
+results held (values and failures); loads in flight are not counted and never
+evicted, and only storing a result can evict one. Eviction takes failures
+first (oldest first), then the least recently used values.
 
 Accounting: a value that leaves the table still :class:`Unclaimed` (expired,
 evicted, invalidated, replaced) is counted in ``unclaimed`` / ``wasted``.
@@ -133,7 +135,11 @@ class MemoryTable:
                 self.held_failures.append(record)  # type: ignore[arg-type]
         if self.lru:
             entries.move_to_end(key)  # type: ignore[attr-defined]
-            if len(entries) > self.max_entries:  # type: ignore[operator]
+            # Only a result can push a result out: a load that starts (and may
+            # fail or be cancelled) never costs a value its place.
+            if self.n_done + self.n_failed > self.max_entries and (  # type: ignore[operator]
+                cls is Done or cls is Unclaimed or cls is Failed
+            ):
                 return self._evict()
         return []
 
@@ -253,7 +259,7 @@ class MemoryTable:
 
     def _evict(self) -> list[Result]:
         entries = self.entries
-        excess = len(entries) - self.max_entries  # type: ignore[operator]
+        excess = self.n_done + self.n_failed - self.max_entries  # type: ignore[operator]
         victims: list[Result] = []
         failed_keys = self.failed_keys
         while failed_keys and len(victims) < excess:

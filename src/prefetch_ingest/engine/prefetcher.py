@@ -235,7 +235,7 @@ class Prefetcher(Generic[K, V]):
             failure_ttl=self._failure_ttl,
             refresh_after=self._refresh_after,
             max_entries=max_entries,
-            limit=self._admission.limit,
+            limit=self._safe_limit,
             local_results=store is None,
         )
         core.listener = _LogListener(self)
@@ -255,10 +255,33 @@ class Prefetcher(Generic[K, V]):
         self._idle: anyio.Event | None = None
         self._wake_sweeper: anyio.Event | None = None
         self._good_fns: set[object] = set()
+        self._admission_logged = -math.inf
         self._log_debug = False
         self._log_info = True
         self._log_warning = True
         self._hit_extras = False
+
+    def _safe_limit(self) -> int | None:
+        """The admission's limit; a failing or nonsensical one pauses background starts."""
+        try:
+            limit = self._admission.limit()
+            if limit is None or (
+                isinstance(limit, int) and not isinstance(limit, bool) and limit >= 0
+            ):
+                return limit
+            problem = f"limit() returned {limit!r}, not an int >= 0 or None"
+        except Exception as exc:
+            problem = f"limit() raised {error_text(exc)}"
+        now = time.monotonic()
+        if now - self._admission_logged >= 60.0:
+            self._admission_logged = now
+            _log.logger.error(
+                "prefetch.admission_failed",
+                name=self._name,
+                error=problem,
+                detail="background loads wait until the admission answers",
+            )
+        return 0
 
     @property
     def name(self) -> str:
@@ -358,13 +381,13 @@ class Prefetcher(Generic[K, V]):
         await self._drain()
 
     async def _drain(self) -> None:
-        """Wait until every load task has ended (a load that ignores its cancellation is
-        cancelled again every second)."""
+        """Wait until every load task has ended (a load that goes on after its
+        cancellation is cancelled again every 5 seconds)."""
         tasks = self._tasks
         while tasks:
+            await asyncio.wait(list(tasks), timeout=5.0)
             for task in list(tasks):
                 task.cancel()
-            await asyncio.wait(list(tasks), timeout=1.0)
 
     def _check_open(self) -> None:
         if self._state != "open":
@@ -393,7 +416,7 @@ class Prefetcher(Generic[K, V]):
             try:
                 if now >= next_sweep:
                     next_sweep = now + self._cleanup_interval
-                    self.sweep()
+                    self._sweep_now()
                 else:
                     self._table.release_failures(now)
             except Exception as exc:  # the sweeper must outlive anything a watcher does
@@ -453,8 +476,11 @@ class Prefetcher(Generic[K, V]):
         if entry.__class__ is Done and not force_refresh:
             age = self._clock() - entry.done
             if age < self._ttl:
-                if fn is not None and fn not in self._good_fns:
-                    self._check_hit_fn(fn)
+                if fn is not None:
+                    if fn not in self._good_fns:
+                        self._check_hit_fn(fn)
+                elif args:
+                    raise TypeError("extra positional arguments were given without fn")
                 if timeout is not None:
                     check_duration("timeout", timeout, allow_none=False, allow_zero=True)
                 counters = self._counters
@@ -490,8 +516,11 @@ class Prefetcher(Generic[K, V]):
         if entry.__class__ is Done and not force_refresh:
             age = self._clock() - entry.done
             if age < self._ttl:
-                if fn is not None and fn not in self._good_fns:
-                    self._check_hit_fn(fn)
+                if fn is not None:
+                    if fn not in self._good_fns:
+                        self._check_hit_fn(fn)
+                elif args:
+                    raise TypeError("extra positional arguments were given without fn")
                 if timeout is not None:
                     check_duration("timeout", timeout, allow_none=False, allow_zero=True)
                 counters = self._counters
@@ -521,6 +550,11 @@ class Prefetcher(Generic[K, V]):
         args: tuple[Any, ...],
     ) -> None:
         """The optional parts of a hit: LRU order, stale-while-revalidate, the DEBUG event."""
+        if threading.get_ident() != self._thread or self._state != "open":
+            counters = self._counters  # this call fails: it leaves no trace
+            counters.hits -= 1
+            counters.saved_seconds -= entry.duration
+            self._check_open()
         if self._lru:
             self._entries.move_to_end(key)  # type: ignore[attr-defined]
         if age >= self._refresh_after:
@@ -531,7 +565,7 @@ class Prefetcher(Generic[K, V]):
     # -- get: everything else ----------------------------------------------------
 
     def _check_call(
-        self, key: Hashable, fn: object, timeout: object = None
+        self, key: Hashable, fn: object, timeout: object = None, args: tuple[Any, ...] = ()
     ) -> tuple[float | None, tuple[tuple[int, Hashable], ...]]:
         """Every argument check, before anything is touched (a failed call leaves no trace)."""
         self._check_open()
@@ -543,6 +577,8 @@ class Prefetcher(Generic[K, V]):
             self._remote.check_key(key)
         if fn is not None:
             check_fn("fn", fn)
+        elif args and self._loader is not None:
+            raise TypeError("extra positional arguments were given without fn")
         t = None
         if timeout is not None:
             t = check_duration("timeout", timeout, allow_none=False, allow_zero=True)
@@ -574,7 +610,7 @@ class Prefetcher(Generic[K, V]):
         force: bool,
         timeout: float | None,
     ) -> tuple[Any, Source]:
-        t, chain = self._check_call(key, fn, timeout)
+        t, chain = self._check_call(key, fn, timeout, args)
         if (id(self), key) in chain:
             raise ReentrantLoadError(key)
         core = self._core
@@ -725,9 +761,11 @@ class Prefetcher(Generic[K, V]):
         Returns:
             True when a load was started (or queued, or delayed).
         """
-        _, chain = self._check_call(key, fn)
+        _, chain = self._check_call(key, fn, None, args)
         d = check_duration("delay", delay, allow_none=False, allow_zero=True)
         core = self._core
+        if core.delayed:
+            self._check_delays()
         now = self._clock()
         start, record = core.on_prefetch(key, now)
         if not start:
@@ -755,6 +793,8 @@ class Prefetcher(Generic[K, V]):
         """Start the background reload of a stale value (from a hit)."""
         if fn is None and self._loader is None:
             return  # nothing to reload with; the value is served until it expires
+        if self._state != "open":
+            return  # closing: nothing new starts (the value is still served)
         sink = current_sink.get()
         chain = sink.chain if isinstance(sink, Flight) else ()
         run_fn, run_args = self._resolve_fn(key, fn, args)
@@ -847,16 +887,34 @@ class Prefetcher(Generic[K, V]):
     async def _delay_task(self, flight: Flight, scope: anyio.CancelScope, delay: float) -> None:
         with scope:
             await anyio.sleep(delay)
+        if not scope.cancel_called:
+            if flight.handle is scope:
+                flight.handle = None
             self._delay_over(flight)
 
     def _delay_over(self, flight: Flight) -> None:
-        flight.handle = None
+        """A delayed prefetch's timer fired (or its delay passed on the clock)."""
         if self._state != "open":
             return
-        if self._core.delay_over(flight, self._clock()):
+        now = self._clock()
+        started = self._core.delay_over(flight, now)
+        if started is None:  # the injected clock is behind the timer: wait for it
+            remaining = max(flight.not_before - now, 0.0)
+            self._arm_delay(flight, min(remaining, 1.0) if remaining > 0 else 0.05)
+            return
+        handle = flight.handle
+        flight.handle = None
+        if handle is not None:
+            handle.cancel()
+        if started:
             self._launch(flight)
         if self._watchers and self._core.is_current(flight):
             self._notify_key(flight.key)
+
+    def _check_delays(self) -> None:
+        """Admit the delayed prefetches whose delay has passed on the (injectable) clock."""
+        for flight in self._core.due(self._clock()):
+            self._delay_over(flight)
 
     # -- running loads -----------------------------------------------------
 
@@ -866,6 +924,7 @@ class Prefetcher(Generic[K, V]):
 
     async def _run(self, flight: Flight) -> None:
         """The body of a load's task. Nothing the load does escapes from here."""
+        flight.entered = True
         if flight.done is not None:
             self._ended(flight)  # cancelled before its task ran
             return
@@ -990,7 +1049,13 @@ class Prefetcher(Generic[K, V]):
         if handle is not None:
             handle.cancel()
         self._wake(flight)
-        self._ended(flight)  # its slot is free now, whenever its task gets to end
+        if not flight.entered:
+            # Its task has not begun (or there is none: pending): an asyncio
+            # task cancelled now never runs its body, so nothing else would
+            # free what it holds. (On trio the body runs and returns at once.)
+            self._ended(flight)
+        # A running load keeps its background slot until its task has really
+        # ended (its cleanup may still run): "at most N run at once" holds.
         if self._log_info or reason == "cancel":
             _log.logger.info(
                 "prefetch.cancelled",
@@ -1080,6 +1145,12 @@ class Prefetcher(Generic[K, V]):
         removed), not O(entries held). Also lets go of the exception objects
         of failures past ``failure_ttl``.
         """
+        self._check_open()
+        return self._sweep_now()
+
+    def _sweep_now(self) -> int:
+        if self._core.delayed:
+            self._check_delays()
         removed = self._core.sweep(self._clock())
         if removed and (self._log_debug or self._watchers):
             for record in removed:
@@ -1124,6 +1195,8 @@ class Prefetcher(Generic[K, V]):
         """The snapshot of ``key`` now; ``NOT_STARTED`` for a key nobody has asked for."""
         self._check_call(key, None)
         core = self._core
+        if core.delayed:
+            self._check_delays()
         entry = core.current(key, self._clock())
         cls = entry.__class__
         if cls is Flight:
@@ -1148,10 +1221,20 @@ class Prefetcher(Generic[K, V]):
         """Snapshots of the keys pending or running in this process, oldest first."""
         self._check_open()
         core = self._core
+        if core.delayed:
+            self._check_delays()
         return [self._snapshot_of_flight(f) for f in core.live if core.is_current(f)]
 
     def stats(self) -> Stats:
-        """The counters now (see :class:`Stats`)."""
+        """The counters now (see :class:`Stats`).
+
+        Called on the event loop's thread it first removes what has expired
+        (O(expired)), so that the counts by status are those of now; from
+        another thread (a metrics exporter's) it reads the counts as of the
+        last sweep or access, and changes nothing.
+        """
+        if self._state == "open" and threading.get_ident() == self._thread:
+            self._sweep_now()
         return cast(Stats, self._core.stats(watchers=self._watchers.count()))
 
     def watch(self, key: K) -> Watch[K]:
