@@ -41,7 +41,7 @@ SCENARIOS: dict[str, ScenarioFn] = {
     "sweep": sweep_cost,
     "mixed": mixed_workload,
 }
-ALL = [*SCENARIOS, "redis"]
+ALL = [*SCENARIOS, "redis", "speculation"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -81,6 +81,12 @@ async def _run(
 ) -> list[ScenarioResult]:
     results: list[ScenarioResult] = []
     for name in names:
+        if name == "speculation":
+            from ._speculation import SPEC_FULL, SPEC_QUICK, speculation
+
+            _say("speculation ...")
+            results.append(await speculation(SPEC_QUICK if sizes is QUICK else SPEC_FULL, _say))
+            continue
         if name == "redis":
             from ._redis import redis_scenario
 

@@ -88,11 +88,19 @@ class LagAdmission:
     increase, multiplicative decrease law:
 
     - lag above ``target_lag``: ``limit = floor(limit * decrease)`` (down to
-      0, which pauses background starts; running loads are never stopped);
-    - lag at most ``target_lag``: ``limit = limit + increase`` (up to
-      ``max_concurrency``), and waiting loads are started.
+      ``min_concurrency``, default 0, which pauses background starts; running
+      loads are never stopped);
+    - lag at most ``target_lag`` *and the limit in use* (as many background
+      loads running as it allows): ``limit = limit + increase`` (up to
+      ``max_concurrency``), and waiting loads are started;
+    - lag at most ``target_lag`` with the limit not in use: unchanged. A quiet
+      loop is no evidence that more concurrency is safe (TCP's congestion
+      window is validated the same way), so a burst of background starts
+      after an idle spell meets the limit the last busy spell found, not
+      ``max_concurrency``.
 
-    It starts at ``initial`` (default: ``max_concurrency``). It cannot see
+    It starts at ``initial`` (default: ``max_concurrency``; ``initial=1`` is
+    a slow start). It cannot see
     work in other processes or threads, nor CPU taken between probes by
     anything but this loop; an ``Admission`` that reads the process's CPU or
     a shared quota can.
@@ -157,25 +165,33 @@ class LagAdmission:
         if background:
             self.running_background -= 1
 
-    def observe(self, lag: float) -> bool:
-        """Apply one measurement of the loop's lag; True if the limit rose."""
+    def observe(self, lag: float, *, in_use: bool = True) -> bool:
+        """Apply one measurement of the loop's lag (seconds); True if the limit rose.
+
+        ``in_use``: whether the limit was in use (as many background loads
+        running as it allows); the limit grows only then.
+        """
         if math.isnan(lag) or lag < 0:
             lag = 0.0
         self.last_lag = lag
         before = self._limit
         if lag > self.target_lag:
             self._limit = max(math.floor(before * self.decrease), self.min_concurrency)
-        else:
+        elif in_use:
             self._limit = min(before + self.increase, self.max_concurrency)
         return self._limit > before
 
-    async def run(self, changed: Callable[[], None]) -> None:
-        interval = self.interval
+    async def probe(self) -> float:
+        """Sleep ``interval`` and return how late the loop woke this task (its lag)."""
         clock = time.perf_counter
+        start = clock()
+        await anyio.sleep(self.interval)
+        return max(clock() - start - self.interval, 0.0)
+
+    async def run(self, changed: Callable[[], None]) -> None:
         while True:
-            start = clock()
-            await anyio.sleep(interval)
-            if self.observe(clock() - start - interval):
+            lag = await self.probe()
+            if self.observe(lag, in_use=self.running_background >= self._limit):
                 changed()
 
     def __repr__(self) -> str:

@@ -3,6 +3,7 @@ delay, admission, and the counters of speculation (cancelled, unclaimed, wasted_
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, MutableMapping
 from typing import Any
 
@@ -422,3 +423,39 @@ async def test_a_delayed_prefetch_follows_the_injected_clock() -> None:
         with anyio.fail_after(5):
             assert (await pf.wait("k")).status is Status.COMPLETED
     assert loader.calls == {"k": 1}
+
+
+async def test_lag_admission_probe_measures_a_blocked_loop_and_the_limit_falls() -> None:
+    adm = LagAdmission(max_concurrency=4, target_lag=0.02, interval=0.005)
+
+    def block() -> None:
+        time.sleep(0.1)  # a CPU-bound handler holding the loop (deliberately blocking)
+
+    async with anyio.create_task_group() as tg:
+
+        async def blocker() -> None:
+            await anyio.lowlevel.checkpoint()
+            block()
+
+        tg.start_soon(blocker)
+        lag = await adm.probe()
+    assert lag >= 0.05
+    assert adm.observe(lag) is False and adm.limit() == 2
+    assert adm.observe(await adm.probe(), in_use=True) in (True, False)
+
+
+async def test_lag_admission_grows_only_while_its_limit_is_in_use() -> None:
+    adm = LagAdmission(max_concurrency=8, target_lag=0.05, initial=2)
+    assert adm.observe(0.0, in_use=False) is False and adm.limit() == 2
+    assert adm.observe(0.0, in_use=True) is True and adm.limit() == 3
+    loader = GatedLoader()
+    async with Prefetcher(loader, admission=adm) as pf:
+        for key in "abcd":
+            pf.prefetch(key)
+        assert [s.status for s in pf.in_flight()] == [Status.RUNNING] * 3 + [Status.PENDING]
+        assert adm.running_background == 3
+        loader.release()
+        with anyio.fail_after(5):
+            for key in "abcd":
+                await pf.wait(key)
+    assert adm.running_background == 0
