@@ -62,6 +62,9 @@ def test_demo_summary_matches_the_simulated_durations() -> None:
     assert math.isclose(summary.saved_s, 150, abs_tol=1e-6)
     assert (summary.hits, summary.joins, summary.misses) == (1, 1, 1)
     assert math.isclose(summary.hit_ratio, 2 / 3)
+    # every background run was clicked: nothing speculative went unread
+    assert (summary.background_started, summary.unclaimed, summary.wasted_s) == (3, 0, 0.0)
+    assert "speculation: 3 background ingest(s) started, 0 unclaimed" in text
     lines = text.splitlines()
     assert any(
         line.split() == ["total", "210.0", "s", "360.0", "s", "150.0", "s"] for line in lines

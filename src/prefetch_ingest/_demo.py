@@ -113,6 +113,9 @@ class DemoSummary:
     joins: int
     misses: int
     hit_ratio: float
+    background_started: int = 0
+    unclaimed: int = 0
+    wasted_s: float = 0.0
 
     @property
     def waited_s(self) -> float:
@@ -404,7 +407,11 @@ async def run_demo(config: DemoConfig, out: TextIO | None = None) -> DemoSummary
             for number in range(1, len(timelines) + 1):  # leave nothing behind in Redis
                 await sides[1].prefetcher.invalidate((PROJECT, f"run-{number}"))
     sources = [r.source for r in results]
+    stats = [side.prefetcher.stats() for side in {id(side): side for side in sides}.values()]
     summary = DemoSummary(
+        background_started=sum(st.prefetches for st in stats),
+        unclaimed=sum(st.unclaimed for st in stats),
+        wasted_s=sum(st.wasted_seconds for st in stats),
         scenarios=tuple(results),
         hits=sources.count("hit"),
         joins=sources.count("joined"),
@@ -482,4 +489,7 @@ def format_summary(summary: DemoSummary) -> list[str]:
         f"time saved: {_secs(summary.saved_s)} of {_secs(summary.without_s)} ({share:.0%})",
         f"hit ratio: {summary.hit_ratio:.0%} ({summary.hits} hit, {summary.joins} joined, "
         f"{summary.misses} ran, of {calls} clicks)",
+        f"speculation: {summary.background_started} background ingest(s) started, "
+        f"{summary.unclaimed} unclaimed (finished but never served to a click: "
+        f"{_secs(summary.wasted_s)} of ingest nobody read)",
     ]
