@@ -38,15 +38,15 @@ class SpecSizes:
     fg_interval_s: float = 0.004  # a foreground request every 4 ms ...
     fg_cpu_s: float = 0.001  # ... each 1 ms of CPU
     burst_every_s: float = 0.75  # a burst of Query results ...
-    burst_size: int = 6  # ... of this many runs
+    burst_size: int = 10  # ... of this many runs
     steps: int = 12  # an ingest: this many steps of
     step_cpu_s: float = 0.001  # CPU (parsing, scoring)
     step_io_s: float = 0.008  # then I/O (the LLM call)
     click_share: float = 0.3  # share of runs clicked later
     click_after_s: float = 0.5
-    fixed_limit: int = 6
-    target_lag_s: float = 0.002
-    probe_s: float = 0.005
+    fixed_limit: int = 10
+    target_lag_s: float = 0.001
+    probe_s: float = 0.02
 
 
 SPEC_FULL = SpecSizes()

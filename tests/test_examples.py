@@ -295,6 +295,36 @@ async def test_query_starts_the_ingest_and_the_click_after_it_finished_is_a_hit(
 
 
 @asyncio_only
+async def test_stats_show_the_hit_and_the_speculation_nobody_read(sqlite_url: str) -> None:
+    app = make_app(sqlite_url)
+    async with in_process(app) as client:
+        for run in ("read", "unread"):
+            await client.post(run_path("p", run) + "/query")
+            await follow_to_the_end(client, run_path("p", run))
+        assert (await client.post(run_path("p", "read") + "/ingest")).json()["source"] == "hit"
+        await app.state.ingest.prefetcher.invalidate(("p", "unread"))  # nobody will read it
+        stats = (await client.get("/stats")).json()
+    assert stats["prefetches"] == 2 and stats["hits"] == 1
+    assert stats["unclaimed"] == 1 and stats["wasted_seconds"] > 0
+    assert stats["saved_seconds"] > 0
+
+
+@asyncio_only
+async def test_cancel_stops_a_running_ingest_and_the_click_reports_it(sqlite_url: str) -> None:
+    app = make_app(sqlite_url, gated_pipeline)
+    async with in_process(app) as client:
+        await client.post(run_path("p", "r") + "/query")
+        with anyio.fail_after(30):
+            await app.state.pipeline.started.wait()  # the ingest runs (held at its gate)
+        answer = await client.post(run_path("p", "r") + "/ingest/cancel")
+        assert answer.json() == {"cancelled": True}
+        status = (await client.get(run_path("p", "r") + "/ingest/status")).json()
+        assert status["status"] == "not_started"
+        again = await client.post(run_path("p", "r") + "/ingest/cancel")
+        assert again.json() == {"cancelled": False}
+
+
+@asyncio_only
 async def test_a_click_while_the_ingest_runs_joins_it(database_url: str) -> None:
     app = make_app(database_url, gated_pipeline)
     async with in_process(app) as client:

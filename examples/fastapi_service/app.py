@@ -283,6 +283,17 @@ def create_app(
             return _error(502, f"ingest failed: {type(exc).__name__}: {exc}")
         return {"source": result.source, "persisted": result.persisted, "stats": result.stats}
 
+    @app.post(RUN + "/ingest/cancel")
+    async def cancel(request: Request, project_id: Id, run_id: Id) -> dict[str, Any]:
+        # the user left: stop spending on a run nobody will read
+        return {"cancelled": await _ingest_of(request).cancel(project_id, run_id)}
+
+    @app.get("/stats")
+    async def stats(request: Request) -> dict[str, Any]:
+        # this worker's counters: hits, joins, time saved, and the speculation
+        # nobody read (unclaimed, wasted_seconds)
+        return _ingest_of(request).stats().as_dict()
+
     @app.get(RUN + "/ingest/status")
     async def status(request: Request, project_id: Id, run_id: Id) -> dict[str, Any]:
         return (await _ingest_of(request).status(project_id, run_id)).to_dict()

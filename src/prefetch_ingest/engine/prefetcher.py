@@ -22,7 +22,6 @@ import math
 import threading
 import time
 from collections.abc import Awaitable, Callable, Hashable
-from datetime import UTC, datetime
 from types import CoroutineType, TracebackType
 from typing import Any, Generic, Self, TypeVar, cast, overload
 
@@ -39,10 +38,11 @@ from prefetch_ingest._errors import (
 )
 from prefetch_ingest._progress import current_sink
 from prefetch_ingest._store import SharedStore, StoredEntry
-from prefetch_ingest._types import Progress, Served, Snapshot, Source, Stats, Status
+from prefetch_ingest._types import Served, Snapshot, Source, Stats, Status
 from prefetch_ingest._validate import check_duration, check_fn, check_limit, error_text
 from prefetch_ingest.admission import Admission, FixedAdmission
-from prefetch_ingest.core import ASK_STORE, HIT, JOIN, RAISE, Core, Done, Failed, Flight, Unclaimed
+from prefetch_ingest.core import ASK_STORE, HIT, JOIN, RAISE, Core, Done, Failed, Flight
+from prefetch_ingest.core.snapshots import Snapshots
 
 from .watch import Watch, Watchers
 from .wrap import Wrapped, make_wrapper
@@ -239,6 +239,9 @@ class Prefetcher(Generic[K, V]):
             local_results=store is None,
         )
         core.listener = _LogListener(self)
+        self._snap = Snapshots(
+            clock=clock, wall_offset=self._wall_offset, ttl=self._ttl, counters=core.counters
+        )
         self._counters = core.counters
         self._table = core.table
         self._entries = core.entries  # read directly on the hit path
@@ -1083,7 +1086,7 @@ class Prefetcher(Generic[K, V]):
         remote = self._remote
         assert remote is not None
         try:
-            progress = self._progress_of(flight, self._clock())
+            progress = self._snap.progress(flight, self._clock())
             if progress is not None:
                 await remote.publish_progress(flight.key, progress)
         except Exception as exc:  # best effort: progress must never break a load
@@ -1200,22 +1203,22 @@ class Prefetcher(Generic[K, V]):
         entry = core.current(key, self._clock())
         cls = entry.__class__
         if cls is Flight:
-            return self._snapshot_of_flight(entry)
+            return self._snap.of_flight(entry)
         if self._remote is not None:
             # The store knows better than a local failure record whether another
             # process has completed the key since.
             stored = await self._remote.lookup(key)
             if stored is not None:
-                return self._snapshot_of_stored(key, stored)
+                return self._snap.of_stored(key, stored)
             entry = core.current(key, self._clock())
             if entry.__class__ is Flight:
-                return self._snapshot_of_flight(entry)
+                return self._snap.of_flight(entry)
             if entry.__class__ is Failed and self._clock() - entry.done < self._failure_ttl:
                 # The store keeps a failure for failure_ttl: if it no longer has
                 # this one, another instance invalidated it, and so do we.
                 core.table.remove_if(key, entry)
                 entry = None
-        return self._snapshot_of_key(key, entry)
+        return self._snap.of_key(key, entry)
 
     def in_flight(self) -> list[Snapshot]:
         """Snapshots of the keys pending or running in this process, oldest first."""
@@ -1223,7 +1226,7 @@ class Prefetcher(Generic[K, V]):
         core = self._core
         if core.delayed:
             self._check_delays()
-        return [self._snapshot_of_flight(f) for f in core.live if core.is_current(f)]
+        return [self._snap.of_flight(f) for f in core.live if core.is_current(f)]
 
     def stats(self) -> Stats:
         """The counters now (see :class:`Stats`).
@@ -1295,86 +1298,6 @@ class Prefetcher(Generic[K, V]):
             return decorate
         return make_wrapper(self, fn, key)
 
-    # -- snapshots ------------------------------------------------------------
-
-    def _wall(self, mono: float | None) -> datetime | None:
-        if mono is None or mono == _INF:
-            return None
-        return datetime.fromtimestamp(mono + self._wall_offset, UTC)
-
-    def _expires(self, done: float) -> datetime | None:
-        return None if self._ttl == _INF else self._wall(done + self._ttl)
-
-    def _progress_of(self, flight: Flight, now: float) -> Progress | None:
-        if flight.p_done is None:
-            return None
-        done, total = flight.p_done, flight.p_total
-        eta: float | None = None
-        if flight.done is not None:
-            eta = 0.0
-        elif flight.started is not None:
-            elapsed = max(now - flight.started, 0.0)
-            if total is not None and done > 0 and elapsed > 0:
-                eta = (total - done) * elapsed / done
-            else:
-                mean = self._counters.mean_success()
-                if mean is not None:
-                    eta = max(mean - elapsed, 0.0)
-        return Progress(done=done, total=total, message=flight.p_message, eta=eta)
-
-    def _snapshot_of_flight(self, flight: Flight) -> Snapshot:
-        return Snapshot(
-            key=flight.key,
-            status=flight.status,
-            started_at=self._wall(flight.started),
-            progress=self._progress_of(flight, self._clock()),
-            background=flight.background,
-        )
-
-    def _snapshot_of_key(self, key: Hashable, entry: Any) -> Snapshot:
-        cls = entry.__class__
-        if cls is Flight:
-            return self._snapshot_of_flight(entry)
-        if cls is Done or cls is Unclaimed:
-            return Snapshot(
-                key=key,
-                status=_COMPLETED,
-                started_at=self._wall(entry.done - entry.duration),
-                completed_at=self._wall(entry.done),
-                result=entry.value,
-                background=entry.background,
-                expires_at=self._expires(entry.done),
-            )
-        if cls is Failed:
-            return Snapshot(
-                key=key,
-                status=_FAILED,
-                started_at=self._wall(entry.done - entry.duration),
-                completed_at=self._wall(entry.done),
-                error=entry.text,
-                exception=entry.error,
-                background=entry.background,
-                expires_at=self._expires(entry.done),
-            )
-        return Snapshot(key=key, status=Status.NOT_STARTED)
-
-    @staticmethod
-    def _snapshot_of_stored(key: Hashable, stored: StoredEntry) -> Snapshot:
-        def wall(t: float | None) -> datetime | None:
-            return None if t is None else datetime.fromtimestamp(t, UTC)
-
-        return Snapshot(
-            key=key,
-            status=stored.status,
-            started_at=wall(stored.started_at),
-            completed_at=wall(stored.completed_at),
-            result=stored.value if stored.status is _COMPLETED else None,
-            error=stored.error,
-            progress=stored.progress,
-            background=stored.background,
-            expires_at=wall(stored.expires_at),
-        )
-
     # -- watchers ---------------------------------------------------------------
 
     def _has_flight(self, key: Hashable) -> bool:
@@ -1385,7 +1308,7 @@ class Prefetcher(Generic[K, V]):
         watchers = self._watchers.of(key)
         if not watchers:
             return
-        snapshot = self._snapshot_of_key(key, self._entries.get(key))
+        snapshot = self._snap.of_key(key, self._entries.get(key))
         for watcher in watchers:
             watcher.push(snapshot)
 
