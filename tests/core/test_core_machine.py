@@ -34,7 +34,7 @@ async def _fn(*args: Any) -> Any:  # the core only holds it
 class MFlight:
     key: str
     background: bool
-    stale: tuple[Any, float, bool, bool, float] | None  # a "done" entry served meanwhile
+    stale: tuple[Any, ...] | None  # the model's "done" entry served meanwhile
     status: Status = Status.PENDING
     claimed: bool = False
     started: float = 0.0
@@ -156,7 +156,8 @@ class CoreMachine(RuleBasedStateMachine):
                 assert action == JOIN and record is entry.real
                 entry.claimed = True
                 if entry.status is Status.PENDING:
-                    assert self.core.promote(record, m.now)
+                    assert entry.real is not None
+                    assert self.core.promote(entry.real, m.now)
                     m.run(entry, slot=False)
                     m.queue.remove(entry)
         else:
@@ -237,13 +238,14 @@ class CoreMachine(RuleBasedStateMachine):
         m, core = self.m, self.core
         for key in ("a", "b", "c"):
             entry = m.entries.get(key)
-            real = core.entries.get(key)
+            real: Any = core.entries.get(key)
             if entry is None:
                 assert real is None or (
                     not isinstance(real, Flight) and m.now - real.done >= TTL
                 ), key
             elif isinstance(entry, MFlight):
-                assert real is entry.real and real.status is entry.status, key
+                assert entry.real is not None and real is entry.real, key
+                assert real.status is entry.status, key
             elif entry[0] == "done":
                 assert real.value == entry[1] and real.done == entry[2], key
             else:
