@@ -553,11 +553,12 @@ class Prefetcher(Generic[K, V]):
         args: tuple[Any, ...],
     ) -> None:
         """The optional parts of a hit: LRU order, stale-while-revalidate, the DEBUG event."""
-        if threading.get_ident() != self._thread or self._state != "open":
+        if threading.get_ident() != self._thread:
             counters = self._counters  # this call fails: it leaves no trace
             counters.hits -= 1
             counters.saved_seconds -= entry.duration
-            self._check_open()
+            self._check_open()  # raises WrongThreadError (or PrefetcherClosed)
+        # (while closing, a hit is served like any plain hit; _refresh starts nothing)
         if self._lru:
             self._entries.move_to_end(key)  # type: ignore[attr-defined]
         if age >= self._refresh_after:
