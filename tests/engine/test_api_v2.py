@@ -461,23 +461,25 @@ async def test_lag_admission_grows_only_while_its_limit_is_in_use() -> None:
     assert adm.running_background == 0
 
 
-async def test_during_the_grace_a_running_load_is_served_hits_with_or_without_lru() -> None:
-    for max_entries in (None, 10):
-        got: list[str] = []
-        leaving = anyio.Event()
+@pytest.mark.parametrize("max_entries", [None, 10])
+async def test_during_the_grace_a_running_load_is_served_hits_with_or_without_lru(
+    max_entries: int | None,
+) -> None:
+    got: list[str] = []
+    leaving = anyio.Event()
+    box: list[Prefetcher[Any, Any]] = []
 
-        async def load(key: str, pf_box: list[Prefetcher[Any, Any]] = []) -> str:  # noqa: B006
-            if key == "late":
-                await leaving.wait()
-                got.append(await pf_box[0].get("warm"))  # a hit while the block is left
-            return f"v-{key}"
+    async def load(key: str) -> str:
+        if key == "late":
+            await leaving.wait()
+            got.append(await box[0].get("warm"))  # a hit while the block is being left
+        return f"v-{key}"
 
-        box: list[Prefetcher[Any, Any]] = []
-        with anyio.fail_after(5):
-            async with Prefetcher(load, max_entries=max_entries, shutdown_grace=5) as pf:
-                box.append(pf)
-                await pf.get("warm", load, "warm", box)
-                pf.prefetch("late", load, "late", box)
-                await wait_all_tasks_blocked()
-                leaving.set()  # the load goes on during the grace
-        assert got == ["v-warm"], max_entries
+    with anyio.fail_after(5):
+        async with Prefetcher(load, max_entries=max_entries, shutdown_grace=5) as pf:
+            box.append(pf)
+            await pf.get("warm")
+            pf.prefetch("late")
+            await wait_all_tasks_blocked()
+            leaving.set()  # the load goes on during the grace
+    assert got == ["v-warm"]
