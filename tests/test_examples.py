@@ -632,6 +632,11 @@ async def test_the_page_in_headless_chromium_ends_with_a_full_progress_bar(
     assert re.search(r'<progress id="bar" max="100" value="100">', dom), dom[-2000:]
     assert 'data-final="completed"' in dom
     assert '<output id="state">completed</output>' in dom
+    # the worker's counters, speculation included, are on the page
+    assert 'data-stats="loaded"' in dom
+    assert re.search(
+        r'<output id="stats">0 hit, 0 joined, 0 ran; .*1 background run\(s\), unclaimed 0', dom
+    ), dom[-2000:]
     assert status["status"] == "completed"
     assert status["background_task"] is True
 
