@@ -18,7 +18,20 @@ SPEC_NAMES = {
     "report_progress",
     "PrefetchError",
     "PrefetcherClosed",
+    # version 2 of the contract
+    "Served",
+    "Source",
+    "LoadCancelled",
+    "current_fence",
+    "Admission",
+    "LagAdmission",
 }
+
+
+def test_the_version_is_the_same_in_the_package_and_its_metadata() -> None:
+    from importlib.metadata import version
+
+    assert prefetch_ingest.__version__ == version("prefetch-ingest")
 
 
 def test_every_name_of_the_spec_is_exported() -> None:
