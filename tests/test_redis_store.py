@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import pickle
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,8 @@ from prefetch_ingest._redis_keys import digest_of, encode_key, names_for
 from prefetch_ingest.redis import CodecError, JSONCodec, RedisStore
 
 from .redis_server import RedisServer, redis_server_fixture
+
+SRC = Path(__file__).resolve().parent.parent / "src"
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
@@ -795,3 +800,33 @@ async def test_close_ends_even_when_a_cancellation_is_swallowed_by_the_client() 
     finally:
         server.close()
         await server.wait_closed()
+
+
+def test_a_redis_py_too_old_for_the_store_is_named_in_the_import_error(tmp_path: Path) -> None:
+    """redis-py 5.0-5.2 lack redis.backoff.ExponentialWithJitterBackoff: the error says so
+    (checked for real against redis==5.2.1 in a scratch venv when this was written; here an
+    installed package of that shape stands in, in a subprocess, so the suite's redis-py is
+    untouched)."""
+    old = tmp_path / "redis"
+    (old / "asyncio").mkdir(parents=True)
+    (old / "__init__.py").write_text('__version__ = "5.2.1"\n')
+    (old / "asyncio" / "__init__.py").write_text("")
+    (old / "asyncio" / "retry.py").write_text("class Retry: ...\n")
+    (old / "backoff.py").write_text("class ExponentialBackoff: ...\n")
+    (old / "exceptions.py").write_text(
+        "class RedisError(Exception): ...\nConnectionError = RedisError\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", "import prefetch_ingest.redis"],
+        env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{SRC}"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode != 0
+    assert "needs redis-py 5.3 or later, found 5.2.1" in done.stderr
+
+
+def test_the_redis_extra_requires_a_redis_py_the_store_can_import() -> None:
+    text = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    assert 'redis = ["redis>=5.3"]' in text

@@ -40,6 +40,12 @@ import anyio
 import attrs
 
 try:
+    import redis as _redis_package
+except ImportError as _exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "prefetch_ingest.redis needs the 'redis' package: pip install 'prefetch-ingest[redis]'"
+    ) from _exc
+try:
     import redis.asyncio as aioredis
     from redis.asyncio.retry import Retry
     from redis.backoff import ExponentialWithJitterBackoff
@@ -47,7 +53,9 @@ try:
     from redis.exceptions import RedisError
 except ImportError as _exc:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "prefetch_ingest.redis needs the 'redis' package: pip install 'prefetch-ingest[redis]'"
+        f"prefetch_ingest.redis needs redis-py 5.3 or later, found "
+        f"{getattr(_redis_package, '__version__', 'an unknown version')}: "
+        "pip install -U 'prefetch-ingest[redis]'"
     ) from _exc
 
 from . import _log
