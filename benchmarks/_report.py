@@ -1,4 +1,4 @@
-"""Tables (terminal and Markdown), the SPEC §7 verdicts, and the chart."""
+"""Tables (terminal and Markdown), the verdicts on the performance targets, and the chart."""
 
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ def text_tables(results: Sequence[ScenarioResult]) -> str:
 
 
 # ---------------------------------------------------------------------------
-# SPEC §7
+# the performance targets of docs/contract.md
 
 
 @dataclass(frozen=True)
@@ -234,7 +234,7 @@ def _verdict_word(v: Verdict) -> str:
 
 
 def verdict_text(vs: Sequence[Verdict]) -> str:
-    lines = ["", "SPEC §7 targets"]
+    lines = ["", "performance targets (docs/contract.md)"]
     lines += [f"  [{_verdict_word(v):>6}] {v.target}: {v.detail}" for v in vs]
     return "\n".join(lines)
 
@@ -324,7 +324,7 @@ def markdown(
         "marked). Lower is better everywhere. Where a system lacks the behaviour a scenario "
         "measures, the figure is replaced by what it lacks.",
         "",
-        "## SPEC §7 targets",
+        "## Performance targets (see [the contract](contract.md))",
         "",
         "| target | verdict | measured |",
         "|---|---|---|",

@@ -644,7 +644,7 @@ async def sweep_cost(systems: Sequence[System], sizes: Sizes, say: Progress) -> 
             "advances one tick, sweeps, and refills 1%). Baselines, on a dict of as many "
             "keys holding slotted records, same 1% expired: 'full scan (dict)' is the "
             "cheapest scanning sweep (a comprehension finding the expired, then deleting "
-            "them), the reference of the 'x full scan' column and of SPEC §7; 'full scan "
+            "them), the reference of the 'x full scan' column and of the sweep target; 'full scan "
             "(for loop)' is the sweep as usually written (a for loop over a copy of the "
             "items); 'delete the 1% only' deletes the expired keys, known in advance: the "
             "lower bound of any sweep that frees them. cashews: one pass of what its memory "

@@ -1,4 +1,4 @@
-"""Misuse gets a clear exception at the call, naming the argument (SPEC §8)."""
+"""Misuse gets a clear exception at the call, naming the argument (docs/contract.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Core semantics of the Prefetcher (SPEC §3): single flight, failures, refresh, timeout,
+"""Core semantics of the Prefetcher (docs/contract.md): single flight, failures, refresh, timeout,
 cancellation, shutdown, invalidation, re-entrancy, expiry."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""The public surface: the SPEC's names are importable from the package root, and
-__all__ lists exactly what the root exports."""
+"""The public surface: the contract's names (docs/contract.md) are importable from the root,
+and __all__ lists exactly what the root exports."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Progress with ETA, watch(), counters and structured log events (SPEC §3)."""
+"""Progress with ETA, watch(), counters and structured log events (docs/contract.md)."""
 
 from __future__ import annotations
 

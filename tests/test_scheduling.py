@@ -1,4 +1,4 @@
-"""Scheduling and freshness (SPEC §3): the background limit with demand promotion,
+"""Scheduling and freshness (docs/contract.md): the background limit with demand promotion,
 stale-while-revalidate, the LRU bound."""
 
 from __future__ import annotations

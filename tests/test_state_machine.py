@@ -1,7 +1,7 @@
 """A hypothesis state machine drives the Prefetcher through random interleavings of
 prefetch / get / force refresh / completion / failure / invalidate / clock advance,
 against a small reference model, and checks status, counters and executions after
-every step (SPEC §3).
+every step (docs/contract.md).
 
 The Prefetcher lives in an event loop on a portal thread (asyncio or trio); the
 machine's rules call into it. Every load waits on a gate that only a

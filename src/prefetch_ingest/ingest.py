@@ -153,7 +153,7 @@ class IngestStatus:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON object of SPEC §5, ready for ``json.dumps``.
+        """The status JSON of the service (see docs/contract.md), ready for ``json.dumps``.
 
         Keys: ``status``, ``background_task``, ``started_at``, ``completed_at``
         (ISO-8601 strings or null), ``stats`` (an object when completed, else

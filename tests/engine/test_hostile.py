@@ -1,4 +1,4 @@
-"""Adversarial tests of the engine v2 contract (SPEC §3, §8, §9).
+"""Adversarial tests of the engine v2 contract (docs/contract.md).
 
 Each test is named after the behaviour the contract promises.
 """

@@ -1,7 +1,7 @@
 """What the table holds for a key: a value, a failure, or a load in flight.
 
 Plain data, no behaviour beyond what a record says about itself. Kept small:
-:class:`Done` is what every completed entry costs (SPEC: under 128 bytes
+:class:`Done` is what every completed entry costs (the contract's target: under 128 bytes
 beyond key and value), so it holds the value, two floats and one flag, and
 everything a snapshot shows is derived from those.
 """
