@@ -483,3 +483,33 @@ async def test_during_the_grace_a_running_load_is_served_hits_with_or_without_lr
             await wait_all_tasks_blocked()
             leaving.set()  # the load goes on during the grace
     assert got == ["v-warm"]
+
+
+async def test_a_load_admitted_when_invalidate_drops_a_pending_one_is_started() -> None:
+    adm = LagAdmission(max_concurrency=4, initial=1)
+    loader = GatedLoader()
+    async with Prefetcher(loader, admission=adm) as pf:
+        for key in "abc":
+            pf.prefetch(key)
+        assert [s.status for s in pf.in_flight()] == [Status.RUNNING] + [Status.PENDING] * 2
+        adm.observe(0.0, in_use=True)  # the limit rose; its probe has not told the Prefetcher
+        assert await pf.invalidate("b") is True  # ... and this frees the queue for "c"
+        loader.release()
+        with anyio.fail_after(5):
+            assert (await pf.wait("c")).status is Status.COMPLETED
+    assert loader.calls == {"a": 1, "c": 1}
+
+
+async def test_an_unhashable_async_callable_is_served_on_a_hit_as_on_a_miss() -> None:
+    class Loader:
+        __hash__ = None  # type: ignore[assignment]  # e.g. an attrs class with eq=True
+
+        async def __call__(self, key: str) -> str:
+            return f"v-{key}"
+
+    load = Loader()
+    async with Prefetcher() as pf:
+        assert await pf.get("k", load, "k") == "v-k"  # a miss
+        assert await pf.get("k", load, "k") == "v-k"  # a hit, the same fn
+        assert (await pf.serve("k", load, "k")).source is Source.HIT
+        assert pf.stats().hits == 2

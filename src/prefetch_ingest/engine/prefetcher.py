@@ -479,13 +479,8 @@ class Prefetcher(Generic[K, V]):
         if entry.__class__ is Done and not force_refresh:
             age = self._clock() - entry.done
             if age < self._ttl:
-                if fn is not None:
-                    if fn not in self._good_fns:
-                        self._check_hit_fn(fn)
-                elif args:
-                    raise TypeError("extra positional arguments were given without fn")
-                if timeout is not None:
-                    check_duration("timeout", timeout, allow_none=False, allow_zero=True)
+                if fn is not None or args or timeout is not None:
+                    self._check_args(fn, args, timeout)
                 counters = self._counters
                 counters.hits += 1
                 counters.saved_seconds += entry.duration
@@ -519,13 +514,8 @@ class Prefetcher(Generic[K, V]):
         if entry.__class__ is Done and not force_refresh:
             age = self._clock() - entry.done
             if age < self._ttl:
-                if fn is not None:
-                    if fn not in self._good_fns:
-                        self._check_hit_fn(fn)
-                elif args:
-                    raise TypeError("extra positional arguments were given without fn")
-                if timeout is not None:
-                    check_duration("timeout", timeout, allow_none=False, allow_zero=True)
+                if fn is not None or args or timeout is not None:
+                    self._check_args(fn, args, timeout)
                 counters = self._counters
                 counters.hits += 1
                 counters.saved_seconds += entry.duration
@@ -535,14 +525,31 @@ class Prefetcher(Generic[K, V]):
         value, source = await self._slow(key, fn, args, force_refresh, timeout)
         return Served(value, source)
 
-    def _check_hit_fn(self, fn: object) -> None:
-        """The same check of ``fn`` on a hit as on a miss (remembered once passed)."""
-        check_fn("fn", fn)
-        good = self._good_fns
-        if len(good) >= _GOOD_FNS_MAX:
-            good.clear()
-        with contextlib.suppress(TypeError):  # an unhashable callable: checked every time
-            good.add(fn)
+    def _check_args(self, fn: object, args: tuple[Any, ...], timeout: object) -> float | None:
+        """The checks of ``fn``, ``args`` and ``timeout``: one piece of code for every path,
+        the hit path included; returns the timeout in seconds.
+
+        A function that passed is remembered (a small set, cleared at 1,024), so
+        a hit with ``fn`` costs one set lookup; an unhashable one is checked
+        every time.
+        """
+        if fn is not None:
+            good = self._good_fns
+            try:
+                known = fn in good
+            except TypeError:  # unhashable: fine as a function, just not cacheable
+                known = False
+            if not known:
+                check_fn("fn", fn)
+                if len(good) >= _GOOD_FNS_MAX:
+                    good.clear()
+                with contextlib.suppress(TypeError):
+                    good.add(fn)
+        elif args:
+            raise TypeError("extra positional arguments were given without fn")
+        if timeout is None:
+            return None
+        return check_duration("timeout", timeout, allow_none=False, allow_zero=True)
 
     def _after_hit(
         self,
@@ -579,13 +586,7 @@ class Prefetcher(Generic[K, V]):
             raise TypeError(f"key must be hashable, got {type(key).__name__}") from None
         if self._remote is not None:
             self._remote.check_key(key)
-        if fn is not None:
-            check_fn("fn", fn)
-        elif args and self._loader is not None:
-            raise TypeError("extra positional arguments were given without fn")
-        t = None
-        if timeout is not None:
-            t = check_duration("timeout", timeout, allow_none=False, allow_zero=True)
+        t = self._check_args(fn, args, timeout)
         sink = current_sink.get()
         chain: tuple[tuple[int, Hashable], ...] = ()
         if isinstance(sink, Flight):
@@ -602,9 +603,7 @@ class Prefetcher(Generic[K, V]):
                 f"no load for key {_log.key_for_log(key)!r}: pass fn (a coroutine function) "
                 "to this call, or give the Prefetcher a default loader"
             )
-        if args:
-            raise TypeError("extra positional arguments were given without fn")
-        return self._loader, (key,)
+        return self._loader, (key,)  # (args without fn were refused by _check_args)
 
     async def _slow(
         self,
@@ -1048,18 +1047,7 @@ class Prefetcher(Generic[K, V]):
         if flight.done is not None:
             return False
         changed = self._core.cancel(flight, self._clock(), reason=reason)
-        handle = flight.handle
-        flight.handle = None
-        if handle is not None:
-            handle.cancel()
-        self._wake(flight)
-        if not flight.entered:
-            # Its task has not begun (or there is none: pending): an asyncio
-            # task cancelled now never runs its body, so nothing else would
-            # free what it holds. (On trio the body runs and returns at once.)
-            self._ended(flight)
-        # A running load keeps its background slot until its task has really
-        # ended (its cleanup may still run): "at most N run at once" holds.
+        self._stop(flight)
         if self._log_info or reason == "cancel":
             _log.logger.info(
                 "prefetch.cancelled",
@@ -1072,6 +1060,22 @@ class Prefetcher(Generic[K, V]):
         if changed and self._watchers:
             self._notify_key(flight.key)
         return True
+
+    def _stop(self, flight: Flight) -> None:
+        """After the core ended ``flight`` (cancel, close, or invalidate of a pending one):
+        stop its task or timer, wake its waiters, and free what it held."""
+        handle = flight.handle
+        flight.handle = None
+        if handle is not None:
+            handle.cancel()
+        self._wake(flight)
+        if not flight.entered:
+            # Its task has not begun (or there is none: pending): an asyncio
+            # task cancelled now never runs its body, so nothing else would
+            # free what it holds. (On trio the body runs and returns at once.)
+            self._ended(flight)
+        # A running load keeps its background slot until its task has really
+        # ended (its cleanup may still run): "at most N run at once" holds.
 
     def _on_progress(self, flight: Flight) -> None:
         if not self._core.is_current(flight):
@@ -1130,12 +1134,7 @@ class Prefetcher(Generic[K, V]):
         self._check_call(key, None)
         forgotten, dropped = self._core.invalidate(key, self._clock())
         if dropped is not None:
-            handle = dropped.handle
-            dropped.handle = None
-            if handle is not None:
-                handle.cancel()
-            self._core.release_slot(dropped, self._clock())
-            self._wake(dropped)
+            self._stop(dropped)
         if self._remote is not None:
             forgotten = await self._remote.invalidate(key) or forgotten
         if forgotten and self._watchers:
