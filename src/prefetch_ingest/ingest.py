@@ -191,8 +191,14 @@ def _key(project_id: object, run_id: object) -> IngestKey:
     return (_check_id("project_id", project_id), _check_id("run_id", run_id))
 
 
-def _describe(exc: BaseException) -> str:
-    return error_text(exc)
+def _json_ready(stats: Mapping[str, Any], what: str) -> dict[str, Any]:
+    """``stats`` as a dict that ``json.dumps`` accepts, else :class:`CodecError`."""
+    result = dict(stats)
+    try:
+        json.dumps(result)
+    except (TypeError, ValueError) as exc:
+        raise CodecError(f"{what} are not JSON-encodable: {error_text(exc)}") from exc
+    return result
 
 
 class IngestPrefetcher:
@@ -290,15 +296,7 @@ class IngestPrefetcher:
                 f"{type(self._pipeline).__name__}.ingest_run({project_id!r}, {run_id!r}) "
                 f"returned {type(stats).__name__}, expected a mapping of statistics"
             )
-        result = dict(stats)
-        try:
-            json.dumps(result)
-        except (TypeError, ValueError) as exc:
-            raise CodecError(
-                f"the stats of run ({project_id!r}, {run_id!r}) are not JSON-encodable: "
-                f"{error_text(exc)}"
-            ) from exc
-        return result
+        return _json_ready(stats, f"the stats of run ({project_id!r}, {run_id!r})")
 
     def after_query(self, project_id: str, run_id: str) -> bool:
         """Start the run's ingest in the background, once its Query has been answered.
@@ -322,7 +320,7 @@ class IngestPrefetcher:
                 name=self._prefetcher.name,
                 project_id=key_for_log(project_id),
                 run_id=key_for_log(run_id),
-                error=_describe(exc),
+                error=error_text(exc),
                 exc_info=exc,
             )
             return False
@@ -430,43 +428,25 @@ class IngestPrefetcher:
         return self._prefetcher.stats()
 
     async def _lookup_persisted(self, project_id: str, run_id: str) -> Mapping[str, Any] | None:
+        """The stats ``persisted_stats`` finds, JSON-ready; None (and a warning) otherwise."""
         if self._persisted_stats is None:
             return None
         try:
             found: object = await self._persisted_stats(project_id, run_id)
+            if found is None:
+                return None
+            if not isinstance(found, Mapping):
+                raise TypeError(
+                    f"persisted_stats returned {type(found).__name__}, expected a mapping or None"
+                )
+            return _json_ready(found, "the persisted stats")
         except Exception as exc:
             _log.warning(
                 "ingest.persisted_stats_failed",
                 name=self._prefetcher.name,
                 project_id=key_for_log(project_id),
                 run_id=key_for_log(run_id),
-                error=_describe(exc),
+                error=error_text(exc),
                 exc_info=exc,
             )
             return None
-        if found is None:
-            return None
-        if isinstance(found, Mapping):
-            stats = dict(found)
-            try:
-                json.dumps(stats)
-            except (TypeError, ValueError) as exc:
-                _log.warning(
-                    "ingest.persisted_stats_failed",
-                    name=self._prefetcher.name,
-                    project_id=key_for_log(project_id),
-                    run_id=key_for_log(run_id),
-                    error=f"CodecError: the persisted stats are not JSON-encodable "
-                    f"({error_text(exc)}); ignored",
-                )
-                return None
-            return stats
-        _log.warning(
-            "ingest.persisted_stats_failed",
-            name=self._prefetcher.name,
-            project_id=key_for_log(project_id),
-            run_id=key_for_log(run_id),
-            error=f"TypeError: persisted_stats returned {type(found).__name__}, "
-            "expected a mapping or None",
-        )
-        return None

@@ -1009,17 +1009,18 @@ class Prefetcher(Generic[K, V]):
             self._wake_sweeper.set()  # it must let go of this exception at failure_ttl
 
     def _completed(self, flight: Flight, value: Any, ran_here: bool) -> None:
-        changed = self._core.complete(flight, value, self._clock(), ran_here=ran_here)
-        if flight.done is None:  # pragma: no cover - complete() always ends it
-            return
+        if flight.done is not None:
+            return  # ended already (cancel, close): its value goes nowhere, as in _raised
+        now = self._clock()
+        changed = self._core.complete(flight, value, now, ran_here=ran_here)
         self._wake(flight)
-        if self._log_info and flight.cancel_reason is None:
-            started = flight.started if flight.started is not None else flight.done
+        if self._log_info:
+            started = flight.started if flight.started is not None else now
             _log.logger.info(
                 "prefetch.completed",
                 name=self._name,
                 key=_log.key_for_log(flight.key),
-                duration_s=flight.done - started,
+                duration_s=now - started,
                 background=flight.background,
             )
         if changed and self._watchers:
