@@ -23,6 +23,8 @@ from typing import Any
 import attrs
 import structlog
 
+from ._validate import key_text
+
 __all__ = ["MAX_LOGGED", "Levels", "key_for_log", "levels", "logger"]
 
 logger: Any = structlog.get_logger("prefetch_ingest")
@@ -71,20 +73,13 @@ def key_for_log(key: object) -> object:
     """A key (or identifier) as it goes into a log event: escaped, and at most MAX_LOGGED long.
 
     Printable strings and plain numbers are logged as they are; anything else
-    as its ``repr`` (which escapes control characters), truncated. A key whose
-    ``repr`` raises is logged by its type name.
+    as :func:`~prefetch_ingest._validate.key_text` renders it in messages (its
+    ``repr``, control characters escaped, truncated; a ``repr`` that raises
+    gives the type name).
     """
     cls = key.__class__
-    if cls is str:
-        if key.isprintable():  # type: ignore[attr-defined]
-            return key if len(key) <= MAX_LOGGED else _bounded(key)  # type: ignore[arg-type]
-        return _bounded(repr(key))
+    if cls is str and key.isprintable():  # type: ignore[attr-defined]
+        return key if len(key) <= MAX_LOGGED else _bounded(key)  # type: ignore[arg-type]
     if cls is int or cls is float or cls is bool or key is None:
         return key
-    try:
-        text = repr(key)
-    except Exception:
-        return f"<{cls.__name__}>"
-    if not text.isprintable():
-        text = text.encode("unicode_escape").decode("ascii")
-    return _bounded(text)
+    return key_text(key, MAX_LOGGED)
