@@ -52,7 +52,11 @@ class Admission(Protocol):
         """Runs while the Prefetcher is open (cancelled on close).
 
         Call ``changed()`` whenever the limit may have risen, so that waiting
-        loads are started. An admission with nothing to do returns at once.
+        loads are started; call it on the event loop's thread (from a worker
+        thread it raises :class:`~prefetch_ingest.WrongThreadError`: use
+        ``anyio.from_thread.run_sync(changed)``). An admission with nothing to
+        do returns at once. If ``run`` or a hook raises, the error is logged
+        (``prefetch.admission_failed``) and the Prefetcher goes on.
         """
         ...
 

@@ -275,16 +275,33 @@ class Prefetcher(Generic[K, V]):
             problem = f"limit() returned {limit!r}, not an int >= 0 or None"
         except Exception as exc:
             problem = f"limit() raised {error_text(exc)}"
+        self._admission_failed(problem, "background loads wait until the admission answers")
+        return 0
+
+    def _admission_failed(self, problem: str, detail: str) -> None:
+        """Log ``prefetch.admission_failed`` (at most once a minute): the admission's
+        bug is the application's to see, never an unrelated caller's exception."""
         now = time.monotonic()
         if now - self._admission_logged >= 60.0:
             self._admission_logged = now
             _log.logger.error(
-                "prefetch.admission_failed",
-                name=self._name,
-                error=problem,
-                detail="background loads wait until the admission answers",
+                "prefetch.admission_failed", name=self._name, error=problem, detail=detail
             )
-        return 0
+
+    def _tell_admission(self, started: bool, background: bool) -> bool:
+        """``load_started`` / ``load_ended``; one that raises is logged, never raised
+        (the load goes on, its slot is freed all the same). True if it returned."""
+        admission = self._admission
+        try:
+            if started:
+                admission.load_started(background)
+            else:
+                admission.load_ended(background)
+        except Exception as exc:
+            hook = "load_started" if started else "load_ended"
+            self._admission_failed(f"{hook}() raised {error_text(exc)}", "the load goes on")
+            return False
+        return True
 
     @property
     def name(self) -> str:
@@ -428,14 +445,19 @@ class Prefetcher(Generic[K, V]):
     async def _run_admission(self) -> None:
         try:
             await self._admission.run(self._admission_changed)
-        except self._cancelled_exc:
+        except (self._cancelled_exc, *_FATAL):
             raise
-        except Exception as exc:
+        except BaseException as exc:  # the admission's bug must not break the block
             _log.logger.error(
                 "prefetch.admission_failed", name=self._name, error=error_text(exc), exc_info=exc
             )
 
     def _admission_changed(self) -> None:
+        if threading.get_ident() != self._thread:
+            raise WrongThreadError(
+                "changed() must be called from the event loop's thread; from a worker "
+                "thread use anyio.from_thread.run_sync(changed)"
+            )
         if self._state == "open":
             self._launch_all(self._core.admit_next(self._clock()))
 
@@ -839,8 +861,8 @@ class Prefetcher(Generic[K, V]):
 
     def _launch(self, flight: Flight) -> None:
         """Start the task of a flight the core has just made RUNNING."""
-        self._admission.load_started(flight.background)
-        flight.counted = True
+        # (load_ended is owed only for a load_started that returned)
+        flight.counted = self._tell_admission(True, flight.background)
         if self._aio and self._remote is None:
             assert self._loop is not None
             task = self._loop.create_task(self._run(flight), name="prefetch_ingest load")
@@ -1030,7 +1052,7 @@ class Prefetcher(Generic[K, V]):
         """The load's task is over: free its slot, start who was waiting for one."""
         if flight.counted:
             flight.counted = False
-            self._admission.load_ended(flight.background)
+            self._tell_admission(False, flight.background)
         nxt = self._core.release_slot(flight, self._clock())
         if self._state == "open":
             self._launch_all(nxt)
