@@ -63,6 +63,10 @@ def levels() -> Levels:
     )
 
 
+_INT_LOGGED = 10 ** (MAX_LOGGED - 1)
+"""Ints are logged as they are below this (at most MAX_LOGGED characters with the sign)."""
+
+
 def _bounded(text: str) -> str:
     if len(text) > MAX_LOGGED:
         return text[: MAX_LOGGED - 1] + "…"
@@ -72,7 +76,8 @@ def _bounded(text: str) -> str:
 def key_for_log(key: object) -> object:
     """A key (or identifier) as it goes into a log event: escaped, and at most MAX_LOGGED long.
 
-    Printable strings and plain numbers are logged as they are; anything else
+    Printable strings and plain numbers (ints of fewer than MAX_LOGGED digits)
+    are logged as they are; anything else
     as :func:`~prefetch_ingest._validate.key_text` renders it in messages (its
     ``repr``, control characters escaped, truncated; a ``repr`` that raises
     gives the type name).
@@ -80,6 +85,8 @@ def key_for_log(key: object) -> object:
     cls = key.__class__
     if cls is str and key.isprintable():  # type: ignore[attr-defined]
         return key if len(key) <= MAX_LOGGED else _bounded(key)  # type: ignore[arg-type]
-    if cls is int or cls is float or cls is bool or key is None:
+    if cls is int:  # (str() of an int over 4300 digits raises: it never gets that far)
+        return key if -_INT_LOGGED < key < _INT_LOGGED else key_text(key, MAX_LOGGED)
+    if cls is float or cls is bool or key is None:
         return key
     return key_text(key, MAX_LOGGED)
