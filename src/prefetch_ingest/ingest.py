@@ -31,6 +31,7 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any, Literal, Protocol, Self, runtime_checkable
 
+import anyio
 import attrs
 import structlog
 
@@ -192,11 +193,11 @@ def _key(project_id: object, run_id: object) -> IngestKey:
 
 
 def _json_ready(stats: Mapping[str, Any], what: str) -> dict[str, Any]:
-    """``stats`` as a dict that ``json.dumps`` accepts, else :class:`CodecError`."""
+    """``stats`` as a dict that is valid JSON (no NaN or infinity), else :class:`CodecError`."""
     result = dict(stats)
     try:
-        json.dumps(result)
-    except (TypeError, ValueError) as exc:
+        json.dumps(result, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as exc:
         raise CodecError(f"{what} are not JSON-encodable: {error_text(exc)}") from exc
     return result
 
@@ -440,7 +441,9 @@ class IngestPrefetcher:
                     f"persisted_stats returned {type(found).__name__}, expected a mapping or None"
                 )
             return _json_ready(found, "the persisted stats")
-        except Exception as exc:
+        except (anyio.get_cancelled_exc_class(), KeyboardInterrupt, SystemExit, GeneratorExit):
+            raise
+        except BaseException as exc:  # any error of the application's database code
             _log.warning(
                 "ingest.persisted_stats_failed",
                 name=self._prefetcher.name,
