@@ -39,7 +39,9 @@ import structlog
 import prefetch_ingest
 from prefetch_ingest import Prefetcher
 from prefetch_ingest._engine import _Watch
-from prefetch_ingest.redis import RedisStore
+from prefetch_ingest.redis import RedisBackend
+from prefetch_ingest.stores.lease import LeasedStore
+from prefetch_ingest.stores.memory import MemoryBackend
 
 # -- no task of ours left ----------------------------------------------------------------
 
@@ -116,7 +118,7 @@ def _owner(chain: list[tuple[CodeType, FrameType | None]]) -> object:
         if frame is None or frame.f_code.co_argcount == 0:
             continue
         first = frame.f_locals.get(frame.f_code.co_varnames[0])
-        if isinstance(first, Prefetcher | RedisStore):
+        if isinstance(first, Prefetcher | LeasedStore | RedisBackend | MemoryBackend):
             return first
         if isinstance(first, _Watch):
             return first._engine
@@ -125,7 +127,8 @@ def _owner(chain: list[tuple[CodeType, FrameType | None]]) -> object:
 
 def _still_open(owner: object, prefetchers: Iterable[Prefetcher[Any, Any]]) -> bool:
     return owner is not None and any(
-        pf._state in ("open", "closing") and (owner is pf or owner is pf._remote)
+        pf._state in ("open", "closing")
+        and (owner is pf or owner is pf._remote or owner is getattr(pf._remote, "_backend", None))
         for pf in prefetchers
     )
 
@@ -133,19 +136,16 @@ def _still_open(owner: object, prefetchers: Iterable[Prefetcher[Any, Any]]) -> b
 def _state(owner: object) -> str:
     if isinstance(owner, Prefetcher):
         return f"in state {owner._state!r}"
-    if isinstance(owner, RedisStore):
+    if isinstance(owner, LeasedStore):
+        return "still open" if owner._open else "not open"
+    if isinstance(owner, RedisBackend):
         return "not open" if owner._client is None else "still open"
     return ""
 
 
 def _excused_tasks(prefetchers: Iterable[Prefetcher[Any, Any]]) -> set[int]:
-    """Tasks with no `self` that an open Prefetcher's store still uses (its shared lookups)."""
-    ids: set[int] = set()
-    for pf in prefetchers:
-        store = pf._remote
-        if pf._state in ("open", "closing") and isinstance(store, RedisStore):
-            ids.update(id(t) for t in store._reads.values())
-    return ids
+    """Tasks with no `self` that an open Prefetcher's store still uses (none today)."""
+    return set()
 
 
 def tasks_of_ours_left(prefetchers: Iterable[Prefetcher[Any, Any]] = ()) -> list[str]:
@@ -277,15 +277,9 @@ def no_leaks(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
         }
         assert not left, f"a closed Prefetcher still holds {left}"
         store = pf._remote
-        if isinstance(store, RedisStore):
-            held = {
-                "client": store._client is not None,
-                "notification reader": store._reader is not None,
-                "shared lookups": len(store._reads),
-                "owned leases (renewal loops)": len(store._owned),
-                "listeners": len(store._signals),
-            }
+        if isinstance(store, LeasedStore):
+            held = store._debug_counts()
             assert not any(held.values()), (
-                f"the RedisStore of a closed Prefetcher still holds "
+                f"the {type(store).__name__} of a closed Prefetcher still holds "
                 f"{ {k: v for k, v in held.items() if v} }"
             )

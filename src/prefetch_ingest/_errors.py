@@ -61,10 +61,16 @@ class RemoteLoadError(PrefetchError):
 
     Attributes:
         error: the failure as the other process recorded it, ``"TypeName: message"``.
+        error_type: the exception's class name there (``"TimeoutError"``), if known.
+        message: the exception's message there (may be empty), if known.
     """
 
-    def __init__(self, error: str) -> None:
+    def __init__(
+        self, error: str, *, error_type: str | None = None, message: str | None = None
+    ) -> None:
         self.error = error
+        self.error_type = error_type
+        self.message = message
         super().__init__(f"the load failed in another process: {error}")
 
 

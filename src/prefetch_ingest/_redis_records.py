@@ -1,30 +1,21 @@
 """The byte layouts the Redis store writes, and their strict parsing.
 
-Record (the key's result), one Redis string, read with one ``GET``::
+Outcome (the key's result), one Redis string, read with the lease in one ``MGET``::
 
-    b"PI2" | kind (b"c" completed, b"f" failed) | token (32 hex) | fence (16 digits)
-          | header JSON | b"\\n" | payload
+    b"P" | kind (b"c" completed, b"f" failed) | token (16 hex) | fence (16 digits)
+         | started, completed, expires (3 big-endian doubles; NaN: none)
+         | background (1 byte) | payload
 
-The header is ASCII JSON (no newline can occur in it): ``k`` the key's
-digest (a record copied under another key is detected), ``t0``/``t1`` start
-and end (epoch seconds), ``x`` expiry (epoch seconds or null), ``bg`` started
-in the background, ``e`` the error text of a failure. The payload is the
-codec's encoding of the value (empty for a failure).
+59 bytes in all before the payload (the contract allows 64). For a failure
+the payload is the error: its type's name, a NUL byte, its message (UTF-8).
+The token and fence sit at fixed offsets, where the Lua scripts read them.
 
-Lease value::
+Lease::
 
-    token (32 hex) | fence (16 digits) | JSON {"k": digest, "t0": started, "bg": bool,
-                                               "p": progress or null}
+    token (16 hex) | fence (16 digits) | started (double) | background (1 byte)
+          | progress: JSON [done, total, message, eta] or nothing
 
-The *fence* is the run's fencing number: 16 decimal digits, zero-padded, so
-that comparing two fences as strings (as the Lua scripts do) compares them as
-numbers. The acquire script chooses it (see :mod:`prefetch_ingest._redis_scripts`);
-it only ever grows for a key, so a later run of a key holds a greater fence
-than any earlier one, even across a Redis restart that lost every key.
-
-Failure notice::
-
-    token (32 hex) | error text (UTF-8)
+Cancel note: the 16-character token of the run that was cancelled.
 
 Parsing never runs code and never trusts a length or a type it did not
 check: anything unexpected raises :class:`CorruptRecord`.
@@ -34,97 +25,38 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
-
-import attrs
+import struct
+from typing import Final
 
 from ._types import Progress
+from .stores.interface import Outcome, Run
 
 __all__ = [
-    "MAGIC",
     "CorruptRecord",
-    "LeaseInfo",
-    "RecordHeader",
     "dump_lease",
     "dump_lease_meta",
-    "dump_notice",
-    "dump_record",
+    "dump_progress",
+    "dump_outcome",
     "fence_text",
     "parse_lease",
-    "parse_notice",
-    "parse_record",
+    "parse_note",
+    "parse_outcome",
 ]
 
-MAGIC = b"PI2"
-TOKEN_LEN = 32
-FENCE_LEN = 16
-_TOKEN_AT = len(MAGIC) + 1
-_FENCE_AT = _TOKEN_AT + TOKEN_LEN
-_HEAD = _FENCE_AT + FENCE_LEN
+MAGIC: Final = b"P"
+TOKEN_LEN: Final = 16
+FENCE_LEN: Final = 16
+_TIMES = struct.Struct(">ddd?")
+_LEASE_TIMES = struct.Struct(">d?")
+_HEAD: Final = 2 + TOKEN_LEN + FENCE_LEN
+OVERHEAD: Final = _HEAD + _TIMES.size
+"""Bytes of an outcome before the payload."""
+
+_NAN = math.nan
 
 
 class CorruptRecord(ValueError):
-    """Bytes found in Redis that this library did not write (or not for this key)."""
-
-
-@attrs.frozen
-class RecordHeader:
-    kind: str  # "c" or "f"
-    token: str
-    fence: int
-    digest: str
-    started_at: float | None
-    completed_at: float | None
-    expires_at: float | None
-    background: bool
-    error: str | None
-
-
-@attrs.frozen
-class LeaseInfo:
-    token: str
-    fence: int
-    started_at: float | None
-    background: bool
-    progress: Progress | None
-
-
-def _compact(obj: object) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode("ascii")
-
-
-def _time(value: object) -> float | None:
-    if value is None:
-        return None
-    if type(value) not in (int, float) or not math.isfinite(value):  # type: ignore[arg-type]
-        raise CorruptRecord(f"bad time {value!r}")
-    return float(value)  # type: ignore[arg-type]
-
-
-def _object(raw: bytes) -> dict[str, Any]:
-    try:
-        obj = json.loads(raw.decode("ascii"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise CorruptRecord(f"unreadable header: {exc}") from None
-    if type(obj) is not dict:
-        raise CorruptRecord("header is not an object")
-    return obj
-
-
-def _token(raw: bytes) -> str:
-    try:
-        token = raw.decode("ascii")
-    except UnicodeDecodeError:
-        raise CorruptRecord("bad token") from None
-    if len(token) != TOKEN_LEN:
-        raise CorruptRecord("bad token")
-    return token
-
-
-def _fence(raw: bytes) -> int:
-    if len(raw) != FENCE_LEN or not raw.isdigit():
-        raise CorruptRecord("bad fence")
-    return int(raw)
+    """Bytes found in Redis that this library did not write."""
 
 
 def fence_text(fence: int) -> bytes:
@@ -134,103 +66,96 @@ def fence_text(fence: int) -> bytes:
     return b"%016d" % fence
 
 
-def dump_record(
-    kind: str,
-    token: str,
-    fence: int,
-    digest: str,
-    *,
-    started_at: float | None,
-    completed_at: float,
-    expires_at: float | None,
-    background: bool,
-    error: str | None,
-    payload: bytes,
-) -> bytes:
-    header = {
-        "k": digest,
-        "t0": started_at,
-        "t1": completed_at,
-        "x": expires_at,
-        "bg": background,
-        "e": error,
-    }
+def _token(raw: bytes) -> str:
+    if len(raw) != TOKEN_LEN:
+        raise CorruptRecord("bad token")
+    try:
+        return raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise CorruptRecord("bad token") from None
+
+
+def _fence(raw: bytes) -> int:
+    if len(raw) != FENCE_LEN or not raw.isdigit():
+        raise CorruptRecord("bad fence")
+    return int(raw)
+
+
+def _opt(t: float) -> float | None:
+    return None if t != t else t  # NaN: none
+
+
+def dump_outcome(o: Outcome) -> bytes:
+    if o.ok:
+        kind, payload = b"c", o.payload
+    else:
+        kind = b"f"
+        payload = (
+            (o.error_type or "Exception").encode("utf-8", "backslashreplace")
+            + b"\0"
+            + (o.error_message or "").encode("utf-8", "backslashreplace")
+        )
+    expires = _NAN if o.expires_at is None else o.expires_at
     return b"".join(
         (
             MAGIC,
-            kind.encode("ascii"),
-            token.encode("ascii"),
-            fence_text(fence),
-            _compact(header),
-            b"\n",
+            kind,
+            o.token.encode("ascii"),
+            fence_text(o.fence),
+            _TIMES.pack(o.started_at, o.completed_at, expires, o.background),
             payload,
         )
     )
 
 
-def parse_record(data: bytes, digest: str) -> tuple[RecordHeader, bytes]:
-    """The header and the payload (still encoded) of a record of the key ``digest``."""
-    if len(data) < _HEAD or not data.startswith(MAGIC):
+def parse_outcome(data: bytes) -> Outcome:
+    if len(data) < OVERHEAD or data[:1] != MAGIC:
         raise CorruptRecord("not a record of this library")
-    kind = chr(data[len(MAGIC)])
-    if kind not in ("c", "f"):
+    kind = data[1:2]
+    if kind not in (b"c", b"f"):
         raise CorruptRecord(f"unknown record kind {kind!r}")
-    token = _token(data[_TOKEN_AT:_FENCE_AT])
-    fence = _fence(data[_FENCE_AT:_HEAD])
-    end = data.find(b"\n", _HEAD)
-    if end < 0:
-        raise CorruptRecord("truncated record")
-    obj = _object(data[_HEAD:end])
-    if obj.get("k") != digest:
-        raise CorruptRecord("record belongs to another key")
-    error = obj.get("e")
-    if error is not None and type(error) is not str:
-        raise CorruptRecord("bad error text")
-    if kind == "f" and error is None:
-        raise CorruptRecord("failure without error text")
-    background = obj.get("bg", False)
-    if type(background) is not bool:
-        raise CorruptRecord("bad background flag")
-    header = RecordHeader(
-        kind=kind,
-        token=token,
-        fence=fence,
-        digest=digest,
-        started_at=_time(obj.get("t0")),
-        completed_at=_time(obj.get("t1")),
-        expires_at=_time(obj.get("x")),
-        background=background,
-        error=error,
+    token = _token(data[2 : 2 + TOKEN_LEN])
+    fence = _fence(data[2 + TOKEN_LEN : _HEAD])
+    started, completed, expires, background = _TIMES.unpack_from(data, _HEAD)
+    if not (math.isfinite(started) and math.isfinite(completed)):
+        raise CorruptRecord("bad times")
+    payload = data[OVERHEAD:]
+    if kind == b"c":
+        return Outcome(
+            True, token, fence, started, completed, background, payload, None, None, _opt(expires)
+        )
+    error_type, sep, message = payload.partition(b"\0")
+    if not sep:
+        raise CorruptRecord("failure without an error")
+    return Outcome(
+        False,
+        token,
+        fence,
+        started,
+        completed,
+        background,
+        b"",
+        error_type.decode("utf-8", "replace"),
+        message.decode("utf-8", "replace"),
+        _opt(expires),
     )
-    return header, data[end + 1 :]
 
 
-def dump_lease_meta(
-    digest: str,
-    *,
-    started_at: float,
-    background: bool,
-    progress: Progress | None = None,
-) -> bytes:
-    """The lease's JSON part (the acquire script puts the token and the fence before it)."""
-    p = None
-    if progress is not None:
-        p = [progress.done, progress.total, progress.message, progress.eta]
-    meta = {"k": digest, "t0": started_at, "bg": background, "p": p}
-    return json.dumps(meta, separators=(",", ":")).encode("ascii")
+def dump_progress(p: Progress) -> bytes:
+    """A lease's progress part (the renew script writes it after the lease's head)."""
+    return json.dumps(
+        [p.done, p.total, p.message, p.eta], separators=(",", ":"), allow_nan=False
+    ).encode("utf-8")
 
 
-def dump_lease(
-    token: str,
-    fence: int,
-    digest: str,
-    *,
-    started_at: float,
-    background: bool,
-    progress: Progress | None = None,
-) -> bytes:
-    meta = dump_lease_meta(digest, started_at=started_at, background=background, progress=progress)
-    return token.encode("ascii") + fence_text(fence) + meta
+def dump_lease_meta(run: Run) -> bytes:
+    """The lease after its token and fence (the acquire script puts those before it)."""
+    meta = _LEASE_TIMES.pack(run.started_at, run.background)
+    return meta if run.progress is None else meta + dump_progress(run.progress)
+
+
+def dump_lease(run: Run) -> bytes:
+    return run.token.encode("ascii") + fence_text(run.fence) + dump_lease_meta(run)
 
 
 def _number(value: object, *, optional: bool) -> float | None:
@@ -241,18 +166,22 @@ def _number(value: object, *, optional: bool) -> float | None:
     return float(value)  # type: ignore[arg-type]
 
 
-def parse_lease(data: bytes, digest: str) -> LeaseInfo:
+def parse_lease(data: bytes) -> Run:
+    head = TOKEN_LEN + FENCE_LEN
+    if len(data) < head + _LEASE_TIMES.size:
+        raise CorruptRecord("not a lease of this library")
     token = _token(data[:TOKEN_LEN])
-    fence = _fence(data[TOKEN_LEN : TOKEN_LEN + FENCE_LEN])
-    obj = _object(data[TOKEN_LEN + FENCE_LEN :])
-    if obj.get("k") != digest:
-        raise CorruptRecord("lease belongs to another key")
-    background = obj.get("bg", False)
-    if type(background) is not bool:
-        raise CorruptRecord("bad background flag")
+    fence = _fence(data[TOKEN_LEN:head])
+    started, background = _LEASE_TIMES.unpack_from(data, head)
+    if not math.isfinite(started):
+        raise CorruptRecord("bad start time")
+    rest = data[head + _LEASE_TIMES.size :]
     progress = None
-    p = obj.get("p")
-    if p is not None:
+    if rest:
+        try:
+            p = json.loads(rest)
+        except (ValueError, RecursionError):
+            raise CorruptRecord("bad progress") from None
         if type(p) is not list or len(p) != 4:
             raise CorruptRecord("bad progress")
         done = _number(p[0], optional=False)
@@ -266,20 +195,8 @@ def parse_lease(data: bytes, digest: str) -> LeaseInfo:
             message=message,
             eta=_number(p[3], optional=True),
         )
-    return LeaseInfo(
-        token=token,
-        fence=fence,
-        started_at=_time(obj.get("t0")),
-        background=background,
-        progress=progress,
-    )
+    return Run(token, fence, started, background, progress)
 
 
-def dump_notice(token: str, error: str) -> bytes:
-    return token.encode("ascii") + error.encode("utf-8", "backslashreplace")
-
-
-def parse_notice(data: bytes) -> tuple[str, str]:
-    """The token of the failed run and its error text."""
-    token = _token(data[:TOKEN_LEN])
-    return token, data[TOKEN_LEN:].decode("utf-8", "replace")
+def parse_note(data: bytes) -> str:
+    return _token(data)

@@ -41,6 +41,14 @@ class StoredEntry:
     expires_at: float | None = None
     background: bool = False
     progress: Progress | None = None
+    token: str | None = None
+    """The owner token of the run shown (the running one, else the one that ended)."""
+    error_type: str | None = None
+    error_message: str | None = None
+    has_value: bool = False
+    """A completed value is stored (``value``), served even while a reload runs."""
+    value_duration: float = 0.0
+    """How long the run that produced ``value`` took (seconds): what a hit saves."""
 
 
 @attrs.frozen
@@ -49,6 +57,11 @@ class LoadOutcome:
 
     value: Any
     ran_here: bool
+    stored: bool = True
+    """False when the value could not be written (the store was unreachable)."""
+    token: str | None = None
+    """The owner token of the run whose value this is."""
+    duration: float = 0.0
 
 
 @runtime_checkable
@@ -77,6 +90,11 @@ class SharedStore(Protocol):
         *,
         background: bool,
         force: bool,
+        started_at: float | None = None,
+        follow: Callable[[StoredEntry], None] | None = None,
+        deliver: Callable[[Any], None] | None = None,
+        lost: Callable[[bool], None] | None = None,
+        took: Callable[[str], None] | None = None,
     ) -> LoadOutcome:
         """Make sure the key has a result, running ``run`` here only if no other process does.
 
@@ -92,7 +110,18 @@ class SharedStore(Protocol):
 
         A failure of ``run()`` is re-raised as is; a failure of a load run in
         another process is raised as :class:`RemoteLoadError`.
+
+        Callbacks (all optional, all called on the event loop): ``follow(entry)``
+        each time the run this call follows in another process is read
+        (progress); ``deliver(value)`` when this run's value is ready but the
+        store could not take it yet (local waiters need not wait for the
+        retries); ``lost(cancelled)`` when this run's lease was taken away by
+        another instance (``cancel``: True; ``invalidate`` or expiry: False);
+        ``took(token)`` when this call takes the lease (the run's owner token).
         """
+
+    async def cancel(self, key: Hashable) -> bool:
+        """Cancel the key's run in whichever instance runs it; True if there was one."""
 
     async def invalidate(self, key: Hashable) -> bool:
         """Forget the key's stored result or failure; True if there was one."""

@@ -52,7 +52,7 @@ class Failed:
     start when it is 0): a failure record keeps no frames alive.
     """
 
-    __slots__ = ("background", "done", "duration", "error", "key", "tb", "text")
+    __slots__ = ("background", "done", "duration", "error", "key", "tb", "text", "token")
 
     def __init__(
         self,
@@ -71,6 +71,7 @@ class Failed:
         self.done = done
         self.duration = duration
         self.background = background
+        self.token: str | None = None  # the shared store's owner token of the run, if any
 
 
 class Flight:
@@ -109,9 +110,11 @@ class Flight:
         "publishing",
         "queued",
         "ran_here",
+        "remote",
         "started",
         "status",
         "tb",
+        "token",
         "value",
     )
 
@@ -155,6 +158,8 @@ class Flight:
         self.p_total: float | None = None
         self.p_message: str | None = None
         self.publishing = False
+        self.token: str | None = None  # a shared store's owner token, once it holds the lease
+        self.remote: Any = None  # the StoredEntry of the run followed in another instance
         self.event: Any = None
         self.handle: Any = None
         self.on_progress: Callable[[Flight], None] | None = None

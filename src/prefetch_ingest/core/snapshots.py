@@ -63,6 +63,10 @@ class Snapshots:
         return Progress(done=done, total=total, message=flight.p_message, eta=eta)
 
     def of_flight(self, flight: Flight) -> Snapshot:
+        remote = flight.remote
+        if remote is not None and flight.done is None:
+            # following a run in another instance: that run, as its owner recorded it
+            return self.of_stored(flight.key, remote)
         return Snapshot(
             key=flight.key,
             status=flight.status,

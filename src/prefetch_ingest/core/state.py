@@ -330,8 +330,14 @@ class Core:
         self._drop_prior(flight)
         return False
 
-    def complete(self, flight: Flight, value: Any, now: float, *, ran_here: bool = True) -> bool:
-        """The load returned ``value``. True if the key's visible state changed."""
+    def complete(
+        self, flight: Flight, value: Any, now: float, *, ran_here: bool = True, keep: bool = False
+    ) -> bool:
+        """The load returned ``value``. True if the key's visible state changed.
+
+        ``keep``: keep the value here even though results live in a shared store
+        (it could not be written there: the store was unreachable).
+        """
         if flight.done is not None:
             return False  # already ended (cancelled, or the Prefetcher closed)
         duration = self._end(flight, now)
@@ -351,7 +357,7 @@ class Core:
             flight.prior = None
             return False  # detached (invalidate): its waiters get the value, nothing is stored
         self._drop_prior(flight)
-        if self.local_results:
+        if self.local_results or keep:
             cls = Done if flight.claimed else Unclaimed
             record = cls(flight.key, value, now, duration, flight.background)
             for victim in self.table.put(flight.key, record):
@@ -402,6 +408,7 @@ class Core:
             duration,
             flight.background,
         )
+        record.token = flight.token
         for victim in self.table.put(flight.key, record):
             self._evicted(victim)
         return True
@@ -455,13 +462,20 @@ class Core:
                 entry.cancel_reason = "invalidate"
                 entry.error = error
                 return True, entry
-            self.table.detach(key, entry)
-            self._drop_prior(entry)
-            entry.detached = True  # it runs on for its waiters, but is no key's state
-            self.n_running -= 1
+            self.detach(entry)
             return True, None
         self.table.pop(key)
         return True, None
+
+    def detach(self, flight: Flight) -> bool:
+        """Take a running flight out of the table: it runs on for its waiters, but
+        is no key's state and its result is not stored. False if it was not current."""
+        if flight.done is not None or not self.table.detach(flight.key, flight):
+            return False
+        self._drop_prior(flight)
+        flight.detached = True
+        self.n_running -= 1
+        return True
 
     # -- time ---------------------------------------------------------------------
 

@@ -227,6 +227,9 @@ class Prefetcher(Generic[K, V]):
             raise TypeError(f"clock must be a callable returning seconds, got {clock!r}")
         self._name = "default" if name is None else name
         self._remote = store
+        self._fallback_local = getattr(store, "fallback", None) == "local"
+        if store is not None and hasattr(store, "on_reachable"):
+            store.on_reachable = self._store_reachable
         self._clock = clock
         self._wall_offset = time.time() - clock()
 
@@ -709,23 +712,34 @@ class Prefetcher(Generic[K, V]):
             self._joined(entry)
             return entry, _JOINED
         if stored is not None and not force:
-            if stored.status is _COMPLETED:
+            if stored.has_value:
                 if local_failure is not None:  # a newer result stands
                     core.table.remove_if(key, local_failure)
-                self._counters.hits += 1
+                c = self._counters
+                c.hits += 1
+                c.saved_seconds += stored.value_duration
                 self._refresh_remote(key, stored, fn, args)
                 return stored.value, _HIT
-            if stored.status is _FAILED:
+            if (
+                stored.status is _FAILED
+                and stored.completed_at is not None
+                and time.time() - stored.completed_at < self._failure_ttl
+            ):
+                # within failure_ttl: the failure again, without running anything —
+                # the exception object itself where that very run ran (same token)
                 if (
                     local_failure is not None
                     and entry is local_failure
                     and local_failure.error is not None
-                    and stored.error == local_failure.text
+                    and local_failure.token is not None
+                    and local_failure.token == stored.token
                 ):
-                    # the same failure as a load run (or followed) here:
-                    # the exception object itself, not its remote summary
                     raise local_failure.error.with_traceback(local_failure.tb)
-                raise RemoteLoadError(stored.error or "unknown error")
+                raise RemoteLoadError(
+                    stored.error or "unknown error",
+                    error_type=stored.error_type,
+                    message=stored.error_message,
+                )
         run_fn, run_args = self._resolve_fn(key, fn, args)
         flight = self._start(
             key, run_fn, run_args, background=False, force=force, prior=entry, chain=chain
@@ -964,8 +978,17 @@ class Prefetcher(Generic[K, V]):
                     lambda: self._invoke(flight),
                     background=flight.background,
                     force=flight.force,
+                    started_at=(flight.started or self._clock()) + self._wall_offset,
+                    follow=lambda entry: self._following(flight, entry),
+                    deliver=lambda v: self._completed(flight, v, True, keep=True),
+                    lost=lambda cancelled: self._lease_lost(flight, cancelled),
+                    took=lambda token: setattr(flight, "token", token),
                 )
                 value, ran_here = outcome.value, outcome.ran_here
+                if not ran_here:
+                    self._counters.saved_seconds += outcome.duration
+                elif not outcome.stored:
+                    self._completed(flight, value, True, keep=True)
             else:
                 awaitable = fn(*flight.args)
                 if awaitable.__class__ is not CoroutineType and not inspect.isawaitable(awaitable):
@@ -1030,11 +1053,14 @@ class Prefetcher(Generic[K, V]):
         if changed and self._failure_ttl > 0 and self._wake_sweeper is not None:
             self._wake_sweeper.set()  # it must let go of this exception at failure_ttl
 
-    def _completed(self, flight: Flight, value: Any, ran_here: bool) -> None:
+    def _completed(self, flight: Flight, value: Any, ran_here: bool, keep: bool = False) -> None:
         if flight.done is not None:
             return  # ended already (cancel, close): its value goes nowhere, as in _raised
         now = self._clock()
-        changed = self._core.complete(flight, value, now, ran_here=ran_here)
+        # keep: the shared store could not take the value; with fallback="local" it
+        # is kept and served here, as with no shared store, until the store answers
+        keep = keep and self._fallback_local
+        changed = self._core.complete(flight, value, now, ran_here=ran_here, keep=keep)
         self._wake(flight)
         if self._log_info:
             started = flight.started if flight.started is not None else now
@@ -1047,6 +1073,31 @@ class Prefetcher(Generic[K, V]):
             )
         if changed and self._watchers:
             self._notify_key(flight.key)
+
+    def _following(self, flight: Flight, entry: StoredEntry) -> None:
+        """A shared store read the run this flight follows in another instance."""
+        if flight.done is not None:
+            return
+        flight.remote = entry
+        if self._watchers and self._core.is_current(flight):
+            self._notify_key(flight.key)
+
+    def _lease_lost(self, flight: Flight, cancelled: bool) -> None:
+        """Another instance took this run's lease away: ``cancel`` (True) or ``invalidate``."""
+        if cancelled:
+            self._cancel_flight(flight, "cancel")
+            return
+        if self._core.detach(flight) and self._watchers:
+            self._notify_key(flight.key)
+
+    def _store_reachable(self) -> None:
+        """The shared store answers again: values kept here during the outage step aside."""
+        if not self._fallback_local:
+            return
+        table = self._core.table
+        for key, entry in list(self._entries.items()):
+            if entry.__class__ is not Flight:
+                table.remove_if(key, entry)
 
     def _ended(self, flight: Flight) -> None:
         """The load's task is over: free its slot, start who was waiting for one."""
@@ -1114,8 +1165,17 @@ class Prefetcher(Generic[K, V]):
         remote = self._remote
         assert remote is not None
         try:
-            progress = self._snap.progress(flight, self._clock())
-            if progress is not None:
+            # the store writes at most once per its rate limit (waiting out the rest of
+            # it): send again until what it has is the latest, so none is lost
+            sent: tuple[Any, ...] | None = None
+            while flight.done is None and self._core.is_current(flight):
+                latest = (flight.p_done, flight.p_total, flight.p_message)
+                if latest == sent:
+                    break
+                sent = latest
+                progress = self._snap.progress(flight, self._clock())
+                if progress is None:
+                    break
                 await remote.publish_progress(flight.key, progress)
         except Exception as exc:  # best effort: progress must never break a load
             if self._log_warning:
@@ -1139,6 +1199,16 @@ class Prefetcher(Generic[K, V]):
         """
         self._check_call(key, None)
         entry = self._entries.get(key)
+        remote = self._remote
+        if remote is not None and (entry.__class__ is not Flight or entry.status is not _PENDING):
+            # whichever instance runs it: the store ends that run's lease and tells
+            # every instance following it (their waiters get LoadCancelled too)
+            cancelled_there = await remote.cancel(key)
+            entry = self._entries.get(key)
+            if entry.__class__ is not Flight:
+                return cancelled_there
+            self._cancel_flight(entry, "cancel")
+            return True
         if entry.__class__ is not Flight:
             await anyio.lowlevel.checkpoint()
             return False
@@ -1199,23 +1269,32 @@ class Prefetcher(Generic[K, V]):
         :class:`PrefetcherClosed` if the Prefetcher closes meanwhile.
         """
         t, _ = self._check_call(key, None, timeout)
+        remote = self._remote
         with anyio.fail_after(t) if t is not None else _NO_SCOPE:
             while True:
                 entry = self._core.current(key, self._clock())
-                if entry.__class__ is not Flight:
-                    break
-                if entry.done is None:
-                    event = entry.event
-                    if event is None:
-                        event = entry.event = self._new_event()
-                    self._counters.waiting += 1
-                    try:
-                        await event.wait()
-                    finally:
-                        self._counters.waiting -= 1
-                if isinstance(entry.error, PrefetcherClosed) or self._state != "open":
+                if entry.__class__ is Flight:
+                    if entry.done is None:
+                        event = entry.event
+                        if event is None:
+                            event = entry.event = self._new_event()
+                        self._counters.waiting += 1
+                        try:
+                            await event.wait()
+                        finally:
+                            self._counters.waiting -= 1
+                    if isinstance(entry.error, PrefetcherClosed) or self._state != "open":
+                        raise PrefetcherClosed()
+                    continue
+                snap = await self.status(key)
+                if remote is None or snap.status is not Status.RUNNING:
+                    return snap
+                if self._core.current(key, self._clock()).__class__ is Flight:
+                    continue  # a load of the key began here meanwhile: await it
+                # another instance runs the key: its end is the store's to tell
+                await remote.wait_change(key, 1.0)
+                if self._state != "open":
                     raise PrefetcherClosed()
-        return await self.status(key)
 
     async def status(self, key: K) -> Snapshot:
         """The snapshot of ``key`` now; ``NOT_STARTED`` for a key nobody has asked for."""
@@ -1226,6 +1305,12 @@ class Prefetcher(Generic[K, V]):
         entry = core.current(key, self._clock())
         cls = entry.__class__
         if cls is Flight:
+            if entry.remote is not None and self._remote is not None and entry.done is None:
+                # following a run of another instance: the store's word on it, fresh
+                stored = await self._remote.lookup(key)
+                if stored is not None and stored.status is Status.RUNNING:
+                    entry.remote = stored
+                    return self._snap.of_stored(key, stored)
             return self._snap.of_flight(entry)
         if self._remote is not None:
             # The store knows better than a local failure record whether another
