@@ -857,48 +857,6 @@ class _Counter:
 
 
 @pytest.mark.redis
-async def test_redis_cancel_in_a_joining_instance_cancels_only_its_callers(
-    anyio_backend: str, redis_server: RedisServer
-) -> None:
-    asyncio_only(anyio_backend)
-    load = _Counter("done")
-    b_out: list[Any] = []
-    a_out: list[Any] = []
-    async with (
-        Prefetcher(load, store=_store(redis_server)) as a,
-        Prefetcher(load, store=_store(redis_server)) as b,
-    ):
-        with anyio.fail_after(10):
-            async with anyio.create_task_group() as tg:
-
-                async def in_a() -> None:
-                    a_out.append(await a.get("k"))
-
-                async def in_b() -> None:
-                    try:
-                        b_out.append(await b.get("k"))
-                    except BaseException as exc:
-                        b_out.append(exc)
-
-                tg.start_soon(in_a)
-                await load.started.wait()
-                tg.start_soon(in_b)
-                while not b.in_flight():
-                    await anyio.wait_all_tasks_blocked()
-                    await anyio.lowlevel.checkpoint()
-                assert await b.cancel("k") is True
-                await anyio.wait_all_tasks_blocked()
-                assert len(b_out) == 1 and isinstance(b_out[0], LoadCancelled)
-                assert (await a.status("k")).status is Status.RUNNING  # a goes on
-                load.gate.set()
-            assert a_out == ["done"]
-            snap = await b.status("k")
-            assert snap.status is Status.COMPLETED and snap.result == "done"
-            assert await b.get("k") == "done"
-        assert load.calls == 1
-
-
-@pytest.mark.redis
 async def test_redis_three_instances_serve_one_execution_ran_joined_joined_then_hits(
     anyio_backend: str, redis_server: RedisServer
 ) -> None:
@@ -961,61 +919,6 @@ async def test_redis_watch_in_another_instance_sees_running_then_completed(
 
 
 @pytest.mark.redis
-async def test_redis_invalidate_from_another_instance_while_running_then_completion(
-    anyio_backend: str, redis_server: RedisServer
-) -> None:
-    """Another instance's invalidate during a run: the run's own callers get its value;
-    the key must be either run afresh or served, never stuck; one lease at a time."""
-    asyncio_only(anyio_backend)
-    load = _Counter("v")
-    async with (
-        Prefetcher(load, store=_store(redis_server)) as a,
-        Prefetcher(load, store=_store(redis_server)) as b,
-    ):
-        with anyio.fail_after(10):
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(a.get, "k")
-                await load.started.wait()
-                await b.invalidate("k")
-                # the lease is not the invalidate's to drop: b joins a's run
-                tg.start_soon(b.get, "k")
-                await anyio.wait_all_tasks_blocked()
-                assert load.calls == 1
-                load.gate.set()
-            assert await b.get("k") == "v"
-
-
-@pytest.mark.redis
-async def test_redis_server_killed_mid_load_every_waiter_ends_and_it_recovers(
-    anyio_backend: str, redis_server: RedisServer
-) -> None:
-    asyncio_only(anyio_backend)
-    load = _Counter("v")
-    out: list[Any] = []
-    with capture_logs():
-        async with Prefetcher(load, store=_store(redis_server, lease=1.0)) as pf:
-            with anyio.fail_after(20):
-                async with anyio.create_task_group() as tg:
-
-                    async def waiter() -> None:
-                        try:
-                            out.append(await pf.get("k"))
-                        except BaseException as exc:
-                            out.append(exc)
-
-                    tg.start_soon(waiter)
-                    tg.start_soon(waiter)
-                    await load.started.wait()
-                    redis_server.kill()
-                    load.gate.set()
-                assert len(out) == 2 and all(isinstance(o, StoreError) for o in out), out
-                redis_server.start()
-                load.value = "after"
-                assert await pf.get("k2") == "after"
-                assert (await pf.status("k")).status in (Status.FAILED, Status.NOT_STARTED)
-
-
-@pytest.mark.redis
 async def test_redis_server_paused_mid_load_every_waiter_ends_and_it_recovers(
     anyio_backend: str, redis_server: RedisServer
 ) -> None:
@@ -1075,32 +978,3 @@ async def test_redis_bad_keys_are_a_type_error_naming_key_on_every_verb_leaving_
             pf.prefetch(deep)
         s = pf.stats()
         assert (s.total, s.misses, s.prefetches, s.hits) == (0, 0, 0, 0)
-
-
-@pytest.mark.redis
-async def test_redis_values_the_codec_cannot_encode_fail_with_codec_error_and_status_says_so(
-    anyio_backend: str, redis_server: RedisServer
-) -> None:
-    asyncio_only(anyio_backend)
-
-    async def a_set(key: Any) -> Any:
-        return {1, 2}
-
-    async def deep(key: Any) -> Any:
-        v: Any = []
-        for _ in range(100_000):
-            v = [v]
-        return v
-
-    async with (
-        Prefetcher(store=_store(redis_server)) as a,
-        Prefetcher(store=_store(redis_server)) as b,
-    ):
-        for key, fn in (("set", a_set), ("deep", deep)):
-            with anyio.fail_after(10):
-                with pytest.raises(CodecError):
-                    await a.get(key, fn, key)
-            snap = await a.status(key)
-            assert snap.status is Status.FAILED
-            assert snap.error is not None and snap.error.startswith("CodecError")
-            assert (await b.status(key)).status is Status.NOT_STARTED  # failure_ttl=0
