@@ -42,6 +42,7 @@ from prefetch_ingest._types import Served, Snapshot, Source, Stats, Status
 from prefetch_ingest._validate import check_duration, check_fn, check_limit, error_text
 from prefetch_ingest.admission import Admission, FixedAdmission
 from prefetch_ingest.core import ASK_STORE, HIT, JOIN, RAISE, Core, Done, Failed, Flight
+from prefetch_ingest.core.records import Unclaimed
 from prefetch_ingest.core.snapshots import Snapshots
 
 from .watch import Watch, Watchers
@@ -706,11 +707,17 @@ class Prefetcher(Generic[K, V]):
         core = self._core
         local_failure = local if local.__class__ is Failed else None
         stored = await remote.lookup(key)
-        entry = core.current(key, self._clock())  # a local flight may have started meanwhile
+        now = self._clock()
+        entry = core.current(key, now)  # a local flight may have started meanwhile
         if entry.__class__ is Flight:
-            core.join(entry, self._clock())
+            core.join(entry, now)
             self._joined(entry)
             return entry, _JOINED
+        if stored is None and (entry.__class__ is Done or entry.__class__ is Unclaimed):
+            # the store is unreachable (fallback="local") and a load of this key, run
+            # here meanwhile, kept its value: served as with no shared store
+            core.hit(key, entry, now)
+            return entry.value, _HIT
         if stored is not None and not force:
             if stored.has_value:
                 if local_failure is not None:  # a newer result stands

@@ -307,9 +307,9 @@ class LeasedStore:
                 with shared.scope:  # cancelled by aclose: no read outlives the store
                     read = await self._backend.read(digest)
                 if shared.scope.cancelled_caught:
-                    error = PrefetcherClosed("the store was closed while this lookup waited")
-                    shared.answer = error
-                    raise error
+                    closed = PrefetcherClosed("the store was closed while this lookup waited")
+                    shared.answer = closed
+                    raise closed
             except self._errors as exc:
                 if self._fallback is None:
                     error = self._unavailable("read", exc, key)
@@ -603,25 +603,42 @@ class LeasedStore:
     async def _renew_loop(
         self, key: Hashable, digest: str, own: _Owned, lost: Callable[[bool], None] | None
     ) -> None:
+        """Renew every ``lease / 3``; between renewals, notice at once (by the key's
+        notifications) a lease taken away by another instance's cancel or invalidate."""
+        backend = self._backend
         interval = self._lease / 3
         token = own.run.token
+        due = anyio.current_time() + interval
         while True:
-            await anyio.sleep(interval)
-            try:
-                with anyio.fail_after(interval):
-                    ok = await self._backend.renew(digest, token, self._lease, None)
-            except (*self._errors, TimeoutError) as exc:  # type: ignore[misc]
-                self._down("renew", exc, key)
-                continue
-            if not self.reachable:
-                self._up()
-            if ok:
-                own.renewed = anyio.current_time()
-                continue
-            own.lost = True
+            await backend.wait_change(digest, max(due - anyio.current_time(), 0.0))
             cancelled = False
-            with contextlib.suppress(*self._errors):
-                cancelled = (await self._backend.read(digest)).cancelled == token
+            if anyio.current_time() >= due:
+                due = anyio.current_time() + interval
+                try:
+                    with anyio.fail_after(interval):
+                        ok = await backend.renew(digest, token, self._lease, None)
+                except (*self._errors, TimeoutError) as exc:  # type: ignore[misc]
+                    self._down("renew", exc, key)
+                    continue
+                if not self.reachable:
+                    self._up()
+                if ok:
+                    own.renewed = anyio.current_time()
+                    continue
+                with contextlib.suppress(*self._errors):
+                    cancelled = (await backend.read(digest)).cancelled == token
+            else:
+                # a notification about the key: is the lease still ours?
+                try:
+                    read = await backend.read(digest)
+                except self._errors:
+                    continue
+                if read.run is not None and read.run.token == token:
+                    continue
+                if read.run is None and read.outcome is not None and read.outcome.token == token:
+                    continue  # our own completion landed (the loop is being stopped)
+                cancelled = read.cancelled == token
+            own.lost = True
             if not cancelled:
                 self._lease_lost(key, "renewal")
             if lost is not None:
