@@ -57,11 +57,11 @@ def encode_key(key: object) -> bytes:
             out.append(b"s%d:" % len(data))
             out.append(data)
         elif t is bool or t is int:
-            out.append(b"i%d;" % int(item))  # type: ignore[call-overload]
+            out.append(b"i%x;" % int(item))  # type: ignore[call-overload]  # hex: no digit limit
         elif t is float:
             f: float = item  # type: ignore[assignment]
             if math.isfinite(f) and f == int(f):
-                out.append(b"i%d;" % int(f))  # 1.0 == 1: one key, as in a dict
+                out.append(b"i%x;" % int(f))  # 1.0 == 1: one key, as in a dict
             else:
                 out.append(b"f" + repr(f).encode("ascii") + b";")
         elif item is None:
