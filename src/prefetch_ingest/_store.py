@@ -123,6 +123,11 @@ class SharedStore(Protocol):
     async def cancel(self, key: Hashable) -> bool:
         """Cancel the key's run in whichever instance runs it; True if there was one."""
 
+    def worth_starting(self, key: Hashable) -> bool:
+        """Synchronous and local: False when a background load of ``key`` would be
+        pointless — this instance has seen a fresh stored value of it, or the store is
+        unreachable and there is no fallback."""
+
     async def invalidate(self, key: Hashable) -> bool:
         """Forget the key's stored result or failure; True if there was one."""
 

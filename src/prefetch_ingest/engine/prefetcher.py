@@ -816,6 +816,12 @@ class Prefetcher(Generic[K, V]):
         start, record = core.on_prefetch(key, now)
         if not start:
             return False
+        remote = self._remote
+        if remote is not None and not remote.worth_starting(key):
+            # known fresh in the shared store, or the store is down with no fallback:
+            # starting would only read the stored value (or fail)
+            core.counters.deduplicated += 1
+            return False
         run_fn, run_args = self._resolve_fn(key, fn, args)
         self._start(
             key,

@@ -192,6 +192,7 @@ class LeasedStore:
         self._digests: dict[Hashable, str] = {}
         self._owned: dict[str, _Owned] = {}
         self._reads: dict[str, _SharedRead] = {}
+        self._fresh: dict[str, float] = {}  # digest -> until when a value seen here is fresh
         self._limiter = _Limiter()
         self.reachable = True
         """False after an operation failed because the store was unreachable, until one
@@ -297,7 +298,7 @@ class LeasedStore:
             await shared.done.wait()
             answer = shared.answer
             if isinstance(answer, Read):
-                return self._entry(key, answer)
+                return self._entry(key, answer, digest)
             if isinstance(answer, BaseException) and not isinstance(answer, _Retry):
                 raise answer
             # the caller that read was cancelled (or the read failed): read ourselves
@@ -327,9 +328,9 @@ class LeasedStore:
                 shared.done.set()
         if not self.reachable:
             self._up()
-        return self._entry(key, read)
+        return self._entry(key, read, digest)
 
-    def _entry(self, key: Hashable, read: Read) -> StoredEntry | None:
+    def _entry(self, key: Hashable, read: Read, digest: str) -> StoredEntry | None:
         """What the engine sees of a read: the run if one is going, with the value kept."""
         o = read.outcome
         value: Any = None
@@ -342,6 +343,7 @@ class LeasedStore:
                 o = None
             else:
                 has_value = True
+                self._seen_fresh(digest, o.expires_at)
         duration = max(o.completed_at - o.started_at, 0.0) if o is not None else 0.0
         run = read.run
         if run is not None:
@@ -443,7 +445,7 @@ class LeasedStore:
                 accept.add(read.run.token)
                 live_until = anyio.current_time() + self._lease
                 if follow is not None:
-                    entry = self._entry(key, Read(run=read.run))
+                    entry = self._entry(key, Read(run=read.run), digest)
                     if entry is not None:
                         follow(entry)
             await backend.wait_change(digest, self._poll)
@@ -455,6 +457,7 @@ class LeasedStore:
             raise RemoteLoadError(_error_of(o), error_type=o.error_type, message=o.error_message)
         try:
             value = self._codec.decode(o.payload)
+            self._seen_fresh(self._digest(key), o.expires_at)
         except Exception as exc:
             self._corrupt(key, exc)
             raise StoreError(
@@ -586,6 +589,8 @@ class LeasedStore:
             if not self.reachable:
                 self._up()
             if answer is Completion.WRITTEN:
+                if outcome.ok:
+                    self._seen_fresh(digest, outcome.expires_at)
                 return True, True
             if answer is Completion.SUPERSEDED:
                 _log.logger.warning(
@@ -655,9 +660,24 @@ class LeasedStore:
 
     # -- other operations ------------------------------------------------------------
 
+    def worth_starting(self, key: Hashable) -> bool:
+        """See :meth:`prefetch_ingest.SharedStore.worth_starting` (no round trip)."""
+        if not self.reachable and self._fallback is None:
+            return False
+        until = self._fresh.get(self._digest(key))
+        return until is None or time.monotonic() >= until
+
+    def _seen_fresh(self, digest: str, expires_at: float | None) -> None:
+        fresh = self._fresh
+        if len(fresh) >= _DIGESTS_KEPT:
+            fresh.clear()
+        left = math.inf if expires_at is None else expires_at - time.time()
+        fresh[digest] = time.monotonic() + left
+
     async def invalidate(self, key: Hashable) -> bool:
         """Forget the key's outcome and detach its run (whichever instance runs it)."""
         digest = self._digest(key)
+        self._fresh.pop(digest, None)
         try:
             forgot = await self._backend.invalidate(digest)
         except self._errors as exc:
