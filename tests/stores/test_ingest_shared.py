@@ -76,11 +76,8 @@ async def test_status_json_of_a_followed_run_is_the_runs_own() -> None:
         assert a.after_query("p", "r")
         await started.wait()
         tg.start_soon(b.ingest, "p", "r")
-        with anyio.fail_after(10):
-            while b._prefetcher._entries.get(("p", "r")) is None:
-                await anyio.lowlevel.checkpoint()
-            while getattr(b._prefetcher._entries[("p", "r")], "remote", None) is None:
-                await anyio.sleep(0.01)
+        await anyio.wait_all_tasks_blocked()  # B's click now follows A's run
+        assert b._prefetcher._entries[("p", "r")].remote is not None
         ja, jb = (await a.status("p", "r")).to_dict(), (await b.status("p", "r")).to_dict()
         assert jb["background_task"] is True  # the run's origin: A's after_query
         assert jb["started_at"] == ja["started_at"]
