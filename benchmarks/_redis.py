@@ -283,6 +283,11 @@ async def _measure(
         key = "hot"
         await pf.get(key)
         await bare.set("bare-hot", b'"value:hot"')
+        # bytes Redis holds for the hot key's record beyond the encoded value itself
+        from prefetch_ingest.stores.keys import digest_of
+
+        stored = await admin.strlen(f"prefetch_ingest:{{{digest_of(key)}}}:r")
+        overhead = int(stored) - len(b'"value:hot"')
 
         # commands per hit: sent by the client (round trips), run by the server
         await _reset_stats(admin)
@@ -298,8 +303,14 @@ async def _measure(
             await pf.get(f"cold-{i}")
         per_cold = await _commands(admin)
         sent_cold = dict(client.sent)
+    await client.aclose()
 
-        # latency, interleaved
+    # latency, interleaved, on a plain client (the counting one costs time of its own)
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(url)
+    async with prefetcher(load, store=store(client)) as pf:
+        await pf.get(key)
         for r in range(sizes.redis_repeats):
             for which in ("ours", "bare") if r % 2 == 0 else ("bare", "ours"):
                 start = time.perf_counter()
@@ -352,6 +363,7 @@ async def _measure(
                 "cmds_per_cold": cmds_cold,
                 "trips_per_hit": trips_hit,
                 "trips_per_cold": trips_cold,
+                "record_overhead": overhead,
                 "hit_cmds": _describe(per_hit, hits),
                 "cold_cmds": _describe(per_cold, cold),
                 "cross_executions": cross_runs // max(rounds, 1)
@@ -388,6 +400,7 @@ async def _measure(
             ("cmds_per_hit", "cmds/hit", ".2f"),
             ("trips_per_cold", "round trips/cold", ".2f"),
             ("cmds_per_cold", "cmds/cold", ".2f"),
+            ("record_overhead", "record bytes beyond value", "d"),
             ("cross_executions", "cross-process executions", "d"),
             ("cross_served", "served", ",d"),
             ("cross_errors", "errors", "s"),

@@ -214,6 +214,15 @@ def verdicts(results: Sequence[ScenarioResult]) -> list[Verdict]:
                     f"{share:.2f} of the bare GET rate",
                 )
             )
+        overhead = ours.extra.get("record_overhead")
+        if isinstance(overhead, int):
+            out.append(
+                Verdict(
+                    "Redis: ≤ 64 B of record overhead beyond the encoded value",
+                    overhead <= 64,
+                    f"{overhead} B",
+                )
+            )
         procs = ours.extra.get("cross_executions")
         if isinstance(procs, int):
             out.append(

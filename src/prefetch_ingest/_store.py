@@ -80,8 +80,10 @@ class SharedStore(Protocol):
     def check_key(self, key: Hashable) -> None:
         """Raise ``TypeError`` (naming the argument ``key``) if the store cannot hold this key."""
 
-    async def lookup(self, key: Hashable) -> StoredEntry | None:
-        """The key's state, in one round trip; ``None`` when the store knows nothing of it."""
+    async def lookup(self, key: Hashable, *, for_get: bool = False) -> StoredEntry | None:
+        """The key's state, in one round trip; ``None`` when the store knows nothing of it.
+
+        ``for_get``: only a stored value or failure matters (the store may read less)."""
 
     async def load(
         self,

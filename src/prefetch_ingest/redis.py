@@ -271,12 +271,18 @@ class RedisBackend:
 
     # -- the primitives ------------------------------------------------------------
 
-    async def read(self, digest: str) -> Read:
+    async def read(self, digest: str, *, outcome_only: bool = False) -> Read:
         client = self._live()
         names = self.names(digest)
+        if outcome_only:  # a get's lookup: one GET, as cheap as a bare GET
+            try:
+                outcome = await client.get(names[0])
+            except RedisConnectionError:  # a pooled connection may be stale: once more
+                outcome = await client.get(names[0])
+            return self._parse(digest, cast("bytes | None", outcome), None, None)
         try:
             reply = await client.mget(names)
-        except RedisConnectionError:  # a pooled connection may be stale: once more
+        except RedisConnectionError:
             reply = await client.mget(names)
         outcome, lease, note = cast("list[bytes | None]", reply)
         return self._parse(digest, outcome, lease, note)

@@ -706,7 +706,7 @@ class Prefetcher(Generic[K, V]):
         assert remote is not None
         core = self._core
         local_failure = local if local.__class__ is Failed else None
-        stored = await remote.lookup(key)
+        stored = await remote.lookup(key, for_get=True)
         now = self._clock()
         entry = core.current(key, now)  # a local flight may have started meanwhile
         if entry.__class__ is Flight:

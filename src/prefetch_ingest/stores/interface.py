@@ -122,8 +122,9 @@ class Backend(Protocol):
     async def aclose(self) -> None:
         """Disconnect; close only what the backend itself created."""
 
-    async def read(self, digest: str) -> Read:
-        """The entry, in one round trip."""
+    async def read(self, digest: str, *, outcome_only: bool = False) -> Read:
+        """The entry, in one round trip. With ``outcome_only`` the caller needs only the
+        outcome (a ``get`` looking for a value): a backend may then skip the rest."""
 
     async def acquire(
         self, digest: str, run: Run, lease: float, *, force: bool, accept: frozenset[str]

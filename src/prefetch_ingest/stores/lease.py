@@ -283,13 +283,17 @@ class LeasedStore:
 
     # -- reading -----------------------------------------------------------------
 
-    async def lookup(self, key: Hashable) -> StoredEntry | None:
+    async def lookup(self, key: Hashable, *, for_get: bool = False) -> StoredEntry | None:
         """The key's state, in one round trip; None when the store knows nothing of it.
 
-        With ``fallback="local"`` and the store unreachable: None (logged).
+        ``for_get``: only a stored outcome matters (a ``get`` serves a value, re-raises
+        a failure, or else starts a load whose acquire reads the rest atomically), so
+        the backend may read less. With ``fallback="local"`` and the store
+        unreachable: None (logged).
         """
         digest = self._digest(key)
-        shared = self._reads.get(digest)
+        slot = digest + "/o" if for_get else digest
+        shared = self._reads.get(slot)
         if shared is not None:
             # a read of this key is in flight here: share its answer (a stampede on a
             # cold key costs one round trip per instance, not one per caller)
@@ -302,11 +306,11 @@ class LeasedStore:
             if isinstance(answer, BaseException) and not isinstance(answer, _Retry):
                 raise answer
             # the caller that read was cancelled (or the read failed): read ourselves
-        shared = self._reads[digest] = _SharedRead()
+        shared = self._reads[slot] = _SharedRead()
         try:
             try:
                 with shared.scope:  # cancelled by aclose: no read outlives the store
-                    read = await self._backend.read(digest)
+                    read = await self._backend.read(digest, outcome_only=for_get)
                 if shared.scope.cancelled_caught:
                     closed = PrefetcherClosed("the store was closed while this lookup waited")
                     shared.answer = closed
@@ -322,8 +326,8 @@ class LeasedStore:
                 return None
             shared.answer = read
         finally:
-            if self._reads.get(digest) is shared:
-                del self._reads[digest]
+            if self._reads.get(slot) is shared:
+                del self._reads[slot]
             if shared.done is not None:
                 shared.done.set()
         if not self.reachable:

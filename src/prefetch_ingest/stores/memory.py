@@ -150,7 +150,7 @@ class MemoryBackend:
         await anyio.lowlevel.checkpoint()  # a round trip yields, as a network call would
         self.server.check()
 
-    async def read(self, digest: str) -> Read:
+    async def read(self, digest: str, *, outcome_only: bool = False) -> Read:
         await self._op()
         return self.server.read(digest)
 
