@@ -97,6 +97,7 @@ class SharedStore(Protocol):
         deliver: Callable[[Any], None] | None = None,
         lost: Callable[[bool], None] | None = None,
         took: Callable[[str], None] | None = None,
+        wanted: Callable[[], bool] | None = None,
     ) -> LoadOutcome:
         """Make sure the key has a result, running ``run`` here only if no other process does.
 
@@ -119,7 +120,10 @@ class SharedStore(Protocol):
         store could not take it yet (local waiters need not wait for the
         retries); ``lost(cancelled)`` when this run's lease was taken away by
         another instance (``cancel``: True; ``invalidate`` or expiry: False);
-        ``took(token)`` when this call takes the lease (the run's owner token).
+        ``took(token)`` when this call takes the lease (the run's owner token);
+        ``wanted()`` False: nobody demands this load (a background one, or one whose
+        key was invalidated here), so once the run it follows is gone without an
+        outcome, it ends with :class:`LoadCancelled` instead of taking the key over.
         """
 
     async def cancel(self, key: Hashable) -> bool:

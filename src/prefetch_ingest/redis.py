@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Callable
 from typing import Any, Final, Literal, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -171,6 +172,7 @@ class RedisBackend:
         self._signals: dict[str, _Signal] = {}
         self._reader: asyncio.Task[None] | None = None
         self._subscribed: anyio.Event | None = None
+        self.on_notice: Callable[[str | None, str], None] | None = None
 
     @property
     def where(self) -> str:
@@ -208,6 +210,7 @@ class RedisBackend:
         }
         await client.ping()
         await self._check_eviction_policy(client)
+        await self._start_reader()  # notifications from the start (fresh marks, wake-ups)
 
     async def aclose(self) -> None:
         reader, self._reader = self._reader, None
@@ -423,11 +426,16 @@ class RedisBackend:
                     if kind == "message":
                         data = message.get("data")
                         if isinstance(data, bytes):
-                            signal = self._signals.get(data[:32].decode("ascii", "replace"))
+                            digest = data[:32].decode("ascii", "replace")
+                            if self.on_notice is not None:
+                                self.on_notice(digest, data[33:34].decode("ascii", "replace"))
+                            signal = self._signals.get(digest)
                             if signal is not None:
                                 signal.fire()
                     elif kind == "subscribe":
                         subscribed.set()
+                        if self.on_notice is not None:
+                            self.on_notice(None, "i")  # messages may have been lost meanwhile
                         self._wake_all()  # messages may have been lost while disconnected
             except Exception as exc:  # Redis down, or anything odd: never die silently
                 self._wake_all()  # waiters fall back to reading the keys themselves

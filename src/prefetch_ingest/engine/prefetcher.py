@@ -30,6 +30,7 @@ import anyio.abc
 
 from prefetch_ingest import _log
 from prefetch_ingest._errors import (
+    LoadCancelled,
     PrefetcherClosed,
     PrefetchError,
     ReentrantLoadError,
@@ -996,6 +997,7 @@ class Prefetcher(Generic[K, V]):
                     deliver=lambda v: self._completed(flight, v, True, keep=True),
                     lost=lambda cancelled: self._lease_lost(flight, cancelled),
                     took=lambda token: setattr(flight, "token", token),
+                    wanted=lambda: flight.claimed,
                 )
                 value, ran_here = outcome.value, outcome.ran_here
                 if not ran_here:
@@ -1036,6 +1038,15 @@ class Prefetcher(Generic[K, V]):
             return  # ended already (cancel, close): this is the echo of that cancellation
         if isinstance(exc, self._cancelled_exc) and self._state != "open":
             self._cancel_flight(flight, "close")
+            return
+        if (
+            isinstance(exc, LoadCancelled)
+            and flight.remote is not None
+            and getattr(exc, "cancelled_run", None) is not None
+        ):
+            # the run this flight followed was cancelled in another instance: a cancel
+            # here too (the key is as it was before that run), not a failure
+            self._cancel_flight(flight, "cancel")
             return
         if isinstance(exc, _FATAL):
             # The one exception: every load is cancelled, and it leaves the block.
@@ -1334,9 +1345,9 @@ class Prefetcher(Generic[K, V]):
             entry = core.current(key, self._clock())
             if entry.__class__ is Flight:
                 return self._snap.of_flight(entry)
-            if entry.__class__ is Failed and self._clock() - entry.done < self._failure_ttl:
-                # The store keeps a failure for failure_ttl: if it no longer has
-                # this one, another instance invalidated it, and so do we.
+            if entry.__class__ is Failed and getattr(self._remote, "reachable", True):
+                # The store records every failure as long as a value: if it no longer
+                # has this one, it was invalidated (or replaced, or expired) there.
                 core.table.remove_if(key, entry)
                 entry = None
         return self._snap.of_key(key, entry)

@@ -29,6 +29,7 @@ server's clock in microseconds as the floor).
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 import attrs
@@ -116,8 +117,15 @@ class Backend(Protocol):
     def errors(self) -> tuple[type[BaseException], ...]:
         """The exceptions meaning "the server is unreachable or failing"."""
 
+    on_notice: Callable[[str | None, str], None] | None
+    """Set by the lease algorithm: the backend calls it for every notification it
+    receives (whether or not anyone waits for that key), with the digest (None: every
+    key, e.g. after the server lost its data) and the event: ``s`` started, ``p``
+    progress, ``c`` completed, ``f`` failed, ``r`` released, ``i`` invalidated,
+    ``x`` cancelled."""
+
     async def open(self) -> None:
-        """Connect, and check that the server answers."""
+        """Connect, check that the server answers, and start receiving notifications."""
 
     async def aclose(self) -> None:
         """Disconnect; close only what the backend itself created."""

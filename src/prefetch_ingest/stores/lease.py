@@ -48,7 +48,7 @@ from prefetch_ingest._types import Progress, Status
 from prefetch_ingest._validate import error_text, key_text
 
 from .codec import Codec, JSONCodec
-from .interface import Backend, Completion, Outcome, Read, Run
+from .interface import Acquired, Backend, Completion, Outcome, Read, Run
 from .keys import digest_of
 
 __all__ = ["LeasedStore", "check_duration", "new_token", "poll_for"]
@@ -187,6 +187,7 @@ class LeasedStore:
             "progress_interval", progress_interval, allow_zero=True
         )
         self._errors: tuple[type[BaseException], ...] = backend.errors
+        backend.on_notice = self._notice
         self._ttl: float | None = None
         self._open = False
         self._digests: dict[Hashable, str] = {}
@@ -401,6 +402,7 @@ class LeasedStore:
         deliver: Callable[[Any], None] | None = None,
         lost: Callable[[bool], None] | None = None,
         took: Callable[[str], None] | None = None,
+        wanted: Callable[[], bool] | None = None,
     ) -> LoadOutcome:
         """See :meth:`prefetch_ingest.SharedStore.load`."""
         backend = self._backend
@@ -416,9 +418,15 @@ class LeasedStore:
                 background=background,
             )
             try:
-                got = await backend.acquire(
-                    digest, me, self._lease, force=force, accept=frozenset(accept)
-                )
+                if accept and wanted is not None and not wanted():
+                    # nobody demands this load: look, but never take the key over
+                    got = Acquired(None, await backend.read(digest))
+                    if got.read.run is None and not _ends_with(got.read, accept, force):
+                        raise _abandoned(key)
+                else:
+                    got = await backend.acquire(
+                        digest, me, self._lease, force=force, accept=frozenset(accept)
+                    )
             except self._errors as exc:
                 if anyio.current_time() < live_until:
                     # another instance holds a live lease: ride the outage out
@@ -442,9 +450,11 @@ class LeasedStore:
             if o is not None and ((o.ok and not force) or o.token in accept):
                 return self._use(key, o)
             if read.cancelled is not None and read.cancelled in accept:
-                raise LoadCancelled(
+                cancelled = LoadCancelled(
                     f"the load of key {key_text(key)} was cancelled (in another instance)"
                 )
+                cancelled.cancelled_run = read.cancelled  # type: ignore[attr-defined]
+                raise cancelled
             if read.run is not None:
                 accept.add(read.run.token)
                 live_until = anyio.current_time() + self._lease
@@ -671,6 +681,16 @@ class LeasedStore:
         until = self._fresh.get(self._digest(key))
         return until is None or time.monotonic() >= until
 
+    def _notice(self, digest: str | None, event: str) -> None:
+        """A notification: an invalidation (of a key, or of everything) ends what this
+        instance knew fresh; nothing else removes a stored value."""
+        if event != "i":
+            return
+        if digest is None:
+            self._fresh.clear()
+        else:
+            self._fresh.pop(digest, None)
+
     def _seen_fresh(self, digest: str, expires_at: float | None) -> None:
         fresh = self._fresh
         if len(fresh) >= _DIGESTS_KEPT:
@@ -796,6 +816,24 @@ class LeasedStore:
             error=error_text(exc),
             detail="ignored: the key will be loaded again",
         )
+
+
+def _ends_with(read: Read, accept: set[str], force: bool) -> bool:
+    """Does ``read`` hold what a follower of the runs in ``accept`` ends with?"""
+    o = read.outcome
+    if o is not None and ((o.ok and not force) or o.token in accept):
+        return True
+    return read.cancelled is not None and read.cancelled in accept
+
+
+def _abandoned(key: Hashable) -> LoadCancelled:
+    """The run a load nobody demands was following is gone (detached): it ends too."""
+    error = LoadCancelled(
+        f"the run of key {key_text(key)} this background load followed was detached "
+        "(invalidated) in another instance"
+    )
+    error.cancelled_run = "detached"  # type: ignore[attr-defined]
+    return error
 
 
 def _error_of(o: Outcome) -> str:

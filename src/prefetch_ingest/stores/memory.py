@@ -103,12 +103,14 @@ class MemoryServer:
         self.epoch_floor = fence
         return fence
 
-    def notify(self, digest: str) -> None:
+    def notify(self, digest: str, event: str) -> None:
         for backend in list(self.listeners):
-            backend.wake(digest)
+            backend.wake(digest, event)
 
     def notify_all(self) -> None:
         for backend in list(self.listeners):
+            if backend.on_notice is not None:
+                backend.on_notice(None, "i")
             backend.wake_all()
 
 
@@ -120,6 +122,7 @@ class MemoryBackend:
     def __init__(self, server: MemoryServer) -> None:
         self.server = server
         self._events: dict[str, anyio.Event] = {}
+        self.on_notice: Callable[[str | None, str], None] | None = None
 
     @property
     def where(self) -> str:
@@ -136,7 +139,9 @@ class MemoryBackend:
         self.server.listeners.discard(self)
         self.wake_all()
 
-    def wake(self, digest: str) -> None:
+    def wake(self, digest: str, what: str) -> None:
+        if self.on_notice is not None:
+            self.on_notice(digest, what)
         event = self._events.pop(digest, None)
         if event is not None:
             event.set()
@@ -170,7 +175,7 @@ class MemoryBackend:
         fence = s.next_fence(o)
         e = s.entries.setdefault(digest, _Entry())
         e.run = _Slot(attrs.evolve(run, fence=fence), s.until(lease))
-        s.notify(digest)
+        s.notify(digest, "s")
         return Acquired(fence)
 
     async def renew(self, digest: str, token: str, lease: float, progress: Progress | None) -> bool:
@@ -183,7 +188,7 @@ class MemoryBackend:
         value = run if progress is None else attrs.evolve(run, progress=progress)
         e.run = _Slot(value, s.until(lease))
         if progress is not None:
-            s.notify(digest)
+            s.notify(digest, "p")
         return True
 
     async def complete(self, digest: str, outcome: Outcome, keep: float | None) -> Completion:
@@ -197,11 +202,11 @@ class MemoryBackend:
         e.run = None
         theirs = read.outcome
         if theirs is not None and theirs.fence > run.fence:
-            s.notify(digest)
+            s.notify(digest, "r")
             return Completion.SUPERSEDED
         if outcome.ok or theirs is None or not theirs.ok:
             e.outcome = _Slot(outcome, s.until(keep))  # a failure never replaces a value
-        s.notify(digest)
+        s.notify(digest, "c" if outcome.ok else "f")
         return Completion.WRITTEN
 
     async def release(self, digest: str, token: str) -> bool:
@@ -211,7 +216,7 @@ class MemoryBackend:
         if run is None or run.token != token:
             return False
         s.entries[digest].run = None
-        s.notify(digest)
+        s.notify(digest, "r")
         return True
 
     async def invalidate(self, digest: str) -> bool:
@@ -221,7 +226,7 @@ class MemoryBackend:
         e = s.entries.pop(digest, None)
         if e is None:
             return False
-        s.notify(digest)
+        s.notify(digest, "i")
         return read.outcome is not None
 
     async def cancel(self, digest: str, keep: float) -> str | None:
@@ -233,7 +238,7 @@ class MemoryBackend:
         e = s.entries[digest]
         e.run = None
         e.cancelled = _Slot(run.token, s.until(keep))
-        s.notify(digest)
+        s.notify(digest, "x")
         return run.token
 
     async def wait_change(self, digest: str, timeout: float) -> None:
