@@ -29,7 +29,7 @@ from tests.conftest import check_no_task_of_ours
 
 KEYS = st.sampled_from(["a", "b"])
 INSTANCES = st.sampled_from([0, 1])
-EXAMPLES = int(os.environ.get("PREFETCH_STATEFUL_EXAMPLES", "100"))
+EXAMPLES = int(os.environ.get("PREFETCH_STATEFUL_EXAMPLES", "60"))
 
 
 class Boom(Exception):
@@ -235,7 +235,8 @@ class SharedMachine(RuleBasedStateMachine):
             return
         run.current = False  # detached: it goes on for its owner's waiters, is never stored
         # Callers in the other instance were following it: its value can never reach
-        # them through the store, so they take the key over and run it afresh (once).
+        # them through the store, so their flight runs the key afresh (once), and it is
+        # the key's run now.
         followers = [
             c for c in self.callers if c.expected == ("run", run) and c.instance != run.owner
         ]
@@ -243,7 +244,7 @@ class SharedMachine(RuleBasedStateMachine):
         if followers:
             assert len(started) == 1, "the followers of a detached run run it afresh, once"
             (fresh,) = started
-            assert fresh.key == key and fresh.owner == followers[0].instance
+            assert fresh.key == key and fresh.owner == followers[0].instance, (fresh, followers)
             self.run[key] = fresh
             for c in followers:
                 c.expected = ("run", fresh)

@@ -996,7 +996,7 @@ class Prefetcher(Generic[K, V]):
                     follow=lambda entry: self._following(flight, entry),
                     deliver=lambda v: self._completed(flight, v, True, keep=True),
                     lost=lambda cancelled: self._lease_lost(flight, cancelled),
-                    took=lambda token: setattr(flight, "token", token),
+                    took=lambda token: self._took(flight, token),
                     wanted=lambda: flight.claimed,
                 )
                 value, ran_here = outcome.value, outcome.ran_here
@@ -1105,6 +1105,11 @@ class Prefetcher(Generic[K, V]):
         flight.remote = entry
         if self._watchers and self._core.is_current(flight):
             self._notify_key(flight.key)
+
+    def _took(self, flight: Flight, token: str) -> None:
+        """This flight's load took the key's lease: it is the run now, not a follower."""
+        flight.token = token
+        flight.remote = None
 
     def _lease_lost(self, flight: Flight, cancelled: bool) -> None:
         """Another instance took this run's lease away: ``cancel`` (True) or ``invalidate``."""
@@ -1249,11 +1254,27 @@ class Prefetcher(Generic[K, V]):
         nothing run.
         """
         self._check_call(key, None)
+        remote = self._remote
+        entry = self._entries.get(key)
+        if (
+            remote is not None
+            and entry.__class__ is Flight
+            and entry.token is None
+            and entry.remote is not None
+            and entry.done is None
+        ):
+            # This instance's callers follow a run of another instance. That run is
+            # detached (in its owner) by the store; its value can never reach them, so
+            # their flight stays the key's and runs it afresh (a get now joins that).
+            forgotten = await remote.invalidate(key)
+            if self._watchers:
+                self._notify_key(key)
+            return True
         forgotten, dropped = self._core.invalidate(key, self._clock())
         if dropped is not None:
             self._stop(dropped)
-        if self._remote is not None:
-            forgotten = await self._remote.invalidate(key) or forgotten
+        if remote is not None:
+            forgotten = await remote.invalidate(key) or forgotten
         if forgotten and self._watchers:
             self._notify_key(key)
         return forgotten
