@@ -293,21 +293,32 @@ class RedisBackend:
     def _parse(
         self, digest: str, outcome: bytes | None, lease: bytes | None, note: bytes | None
     ) -> Read:
+        """Each part on its own: a corrupt outcome does not hide a live lease beside it."""
         o = r = n = None
-        try:
-            if outcome:
-                o = parse_outcome(outcome)
-            if lease:
-                r = parse_lease(lease)
-            if note:
-                n = parse_note(note)
-        except CorruptRecord as exc:
-            _log.logger.warning(
-                "prefetch.redis_corrupt_entry",
-                digest=digest,
-                error=str(exc),
-                detail="ignored: the key will be loaded again",
-            )
+        for raw, parse, what in (
+            (outcome, parse_outcome, "outcome"),
+            (lease, parse_lease, "lease"),
+            (note, parse_note, "note"),
+        ):
+            if not raw:
+                continue
+            try:
+                parsed: Any = parse(raw)
+            except CorruptRecord as exc:
+                _log.logger.warning(
+                    "prefetch.redis_corrupt_entry",
+                    digest=digest,
+                    part=what,
+                    error=str(exc),
+                    detail="ignored: the key will be loaded again",
+                )
+                continue
+            if what == "outcome":
+                o = parsed
+            elif what == "lease":
+                r = parsed
+            else:
+                n = parsed
         return Read(o, r, n)
 
     async def acquire(

@@ -861,13 +861,6 @@ async def test_wait_on_another_instance_rides_out_an_outage_while_the_lease_live
         assert snap.status is Status.COMPLETED and snap.result == "v"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "LeasedStore._up logs prefetch.store_available on every recovery, outside the _Limiter: a "
-        "flapping store logs one line per flap"
-    ),
-)
 async def test_store_available_logs_are_rate_limited_while_the_store_flaps() -> None:
     server = MemoryServer()
 
@@ -1020,14 +1013,6 @@ async def test_fallback_local_a_kept_value_steps_aside_once_the_store_answers_ag
 # -- hostile loads, keys and values ------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "LeasedStore._own runs the load inside a task group and catches only Exception: a "
-        "BaseException subclass reaches the waiters wrapped in a BaseExceptionGroup (asyncio and "
-        "trio)"
-    ),
-)
 async def test_a_base_exception_subclass_from_a_load_reaches_its_waiters_as_itself() -> None:
     server = MemoryServer()
     err = Odd("odd")
@@ -1046,14 +1031,6 @@ async def test_a_base_exception_subclass_from_a_load_reaches_its_waiters_as_itse
         assert await a.get("j", ok, "j") == "ok"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "LeasedStore._own wraps KeyboardInterrupt in a BaseExceptionGroup, so Prefetcher._raised "
-        "takes it for a load failure: nothing is cancelled and the block never leaves with "
-        "KeyboardInterrupt (hangs)"
-    ),
-)
 async def test_keyboard_interrupt_from_a_load_with_a_store_leaves_the_block_as_itself() -> None:
     server = MemoryServer()
     hang = Gate()
@@ -1216,14 +1193,6 @@ async def test_a_value_the_codec_cannot_encode_fails_everywhere_as_codec_error()
         assert gate.calls == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "LeasedStore.load: lookup() calls the value corrupt ('the key will be loaded again') but "
-        "acquire returns that value instead of the lease and _use raises StoreError: the key is "
-        "unusable until its ttl"
-    ),
-)
 async def test_an_undecodable_stored_value_is_loaded_again() -> None:
     server = MemoryServer()
     load = Gate("fresh")
@@ -1548,14 +1517,6 @@ class TestRedis:
                 assert out[:3] == ["v"] * 3
                 assert isinstance(out[3], StoreError)  # past the lease: the follower gives up
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason=(
-            "LeasedStore._finish awaits backend.complete unbounded (renew has fail_after, complete "
-            "not): with Redis paused the local waiters wait out the socket timeout and retries (> "
-            "10 s), not 'at once'"
-        ),
-    )
     async def test_a_value_completed_while_redis_is_paused_reaches_its_waiters_within_the_lease(
         self, redis_server: RedisServer
     ) -> None:
@@ -1655,14 +1616,6 @@ class TestRedis:
             assert all(s == snaps[0] for s in snaps), snaps
             assert snaps[0].error is not None and snaps[0].error.startswith("Ошибка: nul")
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason=(
-            "a foreign record with kind byte 'c' is handed back by the ACQUIRE script as a value; "
-            "RedisBackend._parse drops it (CorruptRecord) to an empty Read, so LeasedStore.load "
-            "neither uses nor acquires: get polls forever"
-        ),
-    )
     async def test_a_corrupt_record_is_ignored_and_the_key_loaded_again(
         self, redis_server: RedisServer
     ) -> None:

@@ -424,9 +424,15 @@ class LeasedStore:
                     if got.read.run is None and not _ends_with(got.read, accept, force):
                         raise _abandoned(key)
                 else:
-                    got = await backend.acquire(
-                        digest, me, self._lease, force=force, accept=frozenset(accept)
-                    )
+                    try:
+                        got = await backend.acquire(
+                            digest, me, self._lease, force=force, accept=frozenset(accept)
+                        )
+                    except BaseException:
+                        # cancelled (or failed) while the acquire was on its way: it may
+                        # have landed, so the lease is handed back (compare-and-delete)
+                        await self._release(key, digest, me.token)
+                        raise
             except self._errors as exc:
                 if anyio.current_time() < live_until:
                     # another instance holds a live lease: ride the outage out
@@ -448,7 +454,16 @@ class LeasedStore:
             read = got.read
             o = read.outcome
             if o is not None and ((o.ok and not force) or o.token in accept):
-                return self._use(key, o)
+                used = self._use(key, o)
+                if used is not None:
+                    return used
+                force = True  # undecodable: load it again, past the bad value
+                continue
+            if o is None and read.run is None and read.cancelled is None and not accept:
+                # not taken, yet nothing usable came back: bytes the backend could not
+                # read (corrupt, foreign) stand in the way: load again, past them
+                force = True
+                continue
             if read.cancelled is not None and read.cancelled in accept:
                 cancelled = LoadCancelled(
                     f"the load of key {key_text(key)} was cancelled (in another instance)"
@@ -464,20 +479,18 @@ class LeasedStore:
                         follow(entry)
             await backend.wait_change(digest, self._poll)
 
-    def _use(self, key: Hashable, o: Outcome) -> LoadOutcome:
-        """The outcome of a run in another instance, as this caller's result."""
+    def _use(self, key: Hashable, o: Outcome) -> LoadOutcome | None:
+        """The outcome of a run in another instance, as this caller's result (None: the
+        stored value cannot be decoded; the caller loads the key again)."""
         duration = max(o.completed_at - o.started_at, 0.0)
         if not o.ok:
             raise RemoteLoadError(_error_of(o), error_type=o.error_type, message=o.error_message)
         try:
             value = self._codec.decode(o.payload)
-            self._seen_fresh(self._digest(key), o.expires_at)
         except Exception as exc:
             self._corrupt(key, exc)
-            raise StoreError(
-                f"the stored value of key {key_text(key)} cannot be decoded by "
-                f"{type(self._codec).__name__}: {error_text(exc)}"
-            ) from exc
+            return None
+        self._seen_fresh(self._digest(key), o.expires_at)
         return LoadOutcome(value, False, token=o.token, duration=duration)
 
     async def _own(
@@ -494,18 +507,23 @@ class LeasedStore:
         self._owned[digest] = own
         settled = False  # the lease was dropped by a completion
         try:
-            failure: Exception | None = None
+            failure: BaseException | None = None
             value: Any = None
+            cancelled_exc = anyio.get_cancelled_exc_class()
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._renew_loop, key, digest, own, lost)
                 fence_set = fence_var.set(mine.fence)
                 try:
                     value = await run()
-                except Exception as exc:  # recorded, then re-raised as is
+                except cancelled_exc:
+                    raise
+                except BaseException as exc:  # recorded, then re-raised as itself
                     failure = exc
                 finally:
                     fence_var.reset(fence_set)
                 tg.cancel_scope.cancel()
+            if isinstance(failure, KeyboardInterrupt | SystemExit | GeneratorExit):
+                raise failure  # nothing recorded: the lease is handed back below
             now = time.time()
             duration = max(now - mine.started_at, 0.0)
             if failure is None:
@@ -580,10 +598,20 @@ class LeasedStore:
         """
         backoff = _Backoff()
         delivered = False
+        attempted = False
         while True:
             try:
-                answer = await self._backend.complete(digest, outcome, self._ttl)
-            except self._errors as exc:
+                # bounded: a server that does not answer must not hold the value back
+                with anyio.fail_after(max(self._lease / 3, 0.05)):
+                    answer = await self._backend.complete(digest, outcome, self._ttl)
+                if answer is Completion.LOST and attempted:
+                    # an earlier attempt may have landed before its answer was lost
+                    with anyio.fail_after(max(self._lease / 3, 0.05)):
+                        there = (await self._backend.read(digest)).outcome
+                    if there is not None and there.token == outcome.token:
+                        answer = Completion.WRITTEN
+            except (*self._errors, TimeoutError) as exc:  # type: ignore[misc]
+                attempted = True
                 self._down("complete", exc, key)
                 if not delivered and deliver is not None:
                     delivered = True
@@ -777,7 +805,7 @@ class LeasedStore:
 
     def _up(self) -> None:
         self.reachable = True
-        _log.logger.info("prefetch.store_available", store=self.kind, where=self._backend.where)
+        self._log_once("available", "prefetch.store_available", level="info")
         hook = self.on_reachable
         if hook is not None:
             hook()
