@@ -12,17 +12,20 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import html
 import importlib.util
+import itertools
 import json
 import os
 import re
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -30,6 +33,9 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+
+from .redis_server import RedisServer, redis_server_fixture
+from .service_workers import PinningProxy, ServiceWorkers, pinned, worker_of
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
@@ -670,3 +676,264 @@ def test_trio_example_follows_progress_and_survives_a_timeout() -> None:
     assert "b.png: b'<8px thumbnail of b.png>'" in done.stdout
     assert "d.png: gave up waiting; its render goes on" in done.stdout
     assert "d.png: completed b'<50px thumbnail of d.png>'" in done.stdout
+
+
+# -- the service on Redis, under uvicorn --workers 2 ------------------------------------------
+
+redis_server = redis_server_fixture()
+
+
+@pytest.fixture
+def redis_workers(redis_server: RedisServer, tmp_path: Path) -> Iterator[ServiceWorkers]:
+    """The example as documented: ``REDIS_URL=... uvicorn ...app:app --workers 2``.
+
+    A private redis-server, the stats in a SQLite file both workers write; every
+    process is stopped by its PID at the end, also when the test failed.
+    """
+    env = {
+        **os.environ,
+        "REDIS_URL": redis_server.url,
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'stats.sqlite3'}",
+    }
+    service_workers = ServiceWorkers(env, tmp_path / "uvicorn.log", workers=2)
+    service_workers.start()
+    try:
+        yield service_workers
+    finally:
+        service_workers.stop()
+    log = service_workers.log_tail(1_000_000)
+    assert "Traceback" not in log and "ERROR" not in log, log[-4000:]
+
+
+def _rank(state: Mapping[str, Any]) -> tuple[int, int]:
+    """How far a run is: its status, then its progress (for "only moves forward")."""
+    order = {"not_started": 0, "pending": 1, "running": 2, "completed": 3}
+    progress = state["progress"]
+    return order[state["status"]], -1 if progress is None else int(progress["done"])
+
+
+def _without_known_blips(states: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The event stream without the two states the library wrongly inserts today.
+
+    ``watch`` on a shared store yields ``not_started`` just before ``completed``,
+    and, on a worker where a Mapping click joined the other worker's run, a
+    ``running`` state without the run's progress and with ``background_task:
+    false`` (strict xfail tests in tests/test_shared_watch_blips.py; when the
+    library is fixed, this filter goes).
+    """
+    kept: list[Mapping[str, Any]] = []
+    progressed = False
+    for n, state in enumerate(states):
+        later = states[n + 1]["status"] if n + 1 < len(states) else None
+        if state["status"] == "not_started" and later == "completed" and kept:
+            continue
+        if (
+            state["status"] == "running"
+            and progressed
+            and state["progress"] is None
+            and state["background_task"] is False
+        ):
+            continue
+        progressed = progressed or state["progress"] is not None
+        kept.append(state)
+    return kept
+
+
+def _check_one_run(states: Sequence[Mapping[str, Any]], started_at: str) -> None:
+    """Every state is of that one background run, and it only moves forward to completed.
+
+    A stream (or poll) that began before the run was in Redis may say
+    ``not_started`` (or ``pending``) first: the Query answers before the run's
+    lease is written.
+    """
+    states = list(itertools.dropwhile(lambda s: s["status"] in ("not_started", "pending"), states))
+    assert states, "no state"
+    for state in states:
+        assert set(state) == SPEC_KEYS
+        assert state["started_at"] == started_at, state
+        assert state["background_task"] is True, state
+    ranks = [_rank(state) for state in states]
+    assert ranks == sorted(ranks), ranks
+    assert states[-1]["status"] == "completed"
+
+
+async def _stats_of_every_worker(workers: ServiceWorkers) -> dict[int, dict[str, Any]]:
+    stats = {}
+    for pid in workers.pids:
+        async with pinned(workers.base, pid) as client:
+            response = await client.get("/stats")
+        assert worker_of(response) == pid
+        stats[pid] = response.json()
+    return stats
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+@asyncio_only
+async def test_two_workers_on_redis_report_one_run_and_run_it_once(
+    redis_workers: ServiceWorkers, tmp_path: Path
+) -> None:
+    base, path = redis_workers.base, run_path("p", "shared-1")
+    with anyio.fail_after(90):
+        async with httpx.AsyncClient(base_url=base) as client:
+            query = await client.post(path + "/query")  # whichever worker accepts
+        assert query.json()["ingest_started"] is True
+        owner = worker_of(query)
+        other = next(pid for pid in redis_workers.pids if pid != owner)
+
+        streams: dict[int, list[dict[str, Any]]] = {}
+        clicks: list[tuple[int, httpx.Response]] = []
+        polled: list[tuple[int, dict[str, Any]]] = []
+
+        async def stream_on(pid: int) -> None:
+            async with (
+                pinned(base, pid) as client,
+                client.stream("GET", path + "/ingest/events") as response,
+            ):
+                assert worker_of(response) == pid
+                body = b"".join([chunk async for chunk in response.aiter_bytes()])
+            streams[pid] = parse_sse(body.decode())
+
+        async def click_on(pid: int) -> None:
+            async with pinned(base, pid) as client:
+                response = await client.post(path + "/ingest", json={"force_refresh": False})
+            assert worker_of(response) == pid
+            clicks.append((pid, response))
+
+        async with anyio.create_task_group() as tg:
+            for pid in (owner, other):
+                tg.start_soon(stream_on, pid)
+            # status over new connections, each worker in turn, until both say completed
+            completed: set[int] = set()
+            clicking = False
+            for turn in itertools.count():
+                pid = (owner, other)[turn % 2]
+                async with pinned(base, pid) as client:
+                    response = await client.get(path + "/ingest/status")
+                assert worker_of(response) == pid
+                state = response.json()
+                polled.append((pid, state))
+                progress = state["progress"]
+                if not clicking and progress is not None and progress["done"] >= 2:
+                    clicking = True
+                    for clicker in (owner, other):  # Mapping on each worker, mid-run
+                        tg.start_soon(click_on, clicker)
+                if state["status"] == "completed":
+                    completed.add(pid)
+                    if completed == {owner, other}:
+                        break
+                await anyio.sleep(0.05)  # the next poll
+        joined = list(clicks)
+        clicks.clear()
+        for pid in (owner, other, owner, other):  # Mapping again, after the run
+            await click_on(pid)
+        stats = await _stats_of_every_worker(redis_workers)
+
+    started_at = next(s["started_at"] for _, s in polled if s["status"] == "running")
+    assert started_at is not None
+    _check_one_run([state for _, state in polled], started_at)
+    for pid in (owner, other):
+        mine = [state for worker, state in polled if worker == pid]
+        assert any(s["status"] == "running" and s["progress"] for s in mine), (pid, mine)
+        stream = _without_known_blips(streams[pid])
+        _check_one_run(stream, started_at)
+        assert any(s["status"] == "running" and s["progress"] for s in stream), stream
+    assert sorted(pid for pid, _ in joined) == sorted((owner, other))
+    assert [r.json()["source"] for _, r in joined] == ["joined", "joined"]
+    assert [r.json()["source"] for _, r in clicks] == ["hit"] * 4
+    final = polled[-1][1]["stats"]
+    assert all(r.json()["stats"] == final for _, r in joined + clicks)
+    # one execution of the pipeline in all, by the worker that answered the Query
+    assert {pid: s["pipeline_runs"] for pid, s in stats.items()} == {owner: 1, other: 0}
+    assert {s["store"] for s in stats.values()} == {"redis"}
+    assert stats[owner]["prefetches"] == 1 and stats[other]["prefetches"] == 0
+    with contextlib.closing(sqlite3.connect(tmp_path / "stats.sqlite3")) as db:
+        rows = db.execute("SELECT project_id, run_id, stats FROM ingest_stats").fetchall()
+    assert [(p, r, json.loads(s)) for p, r, s in rows] == [("p", "shared-1", final)]
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+@asyncio_only
+async def test_the_page_in_headless_chromium_follows_a_run_across_two_workers(
+    redis_workers: ServiceWorkers, tmp_path: Path
+) -> None:
+    browser = _browser()
+    if browser is None:
+        _skip_or_fail("no Chromium installed (apt-get install -y chromium)")
+        return
+    # In front of the workers, as nginx would be: each request to the next worker,
+    # and each event stream cut after two events, so that the page reconnects it
+    # (to the other worker) all along the run.
+    proxy = PinningProxy(redis_workers.base, redis_workers.pids, cut_streams_after=2)
+    with anyio.fail_after(120):
+        async with under_uvicorn(proxy) as front:
+            done = await anyio.run_process(
+                [
+                    browser,
+                    "--headless",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--disable-quic",
+                    "--no-first-run",
+                    "--disable-background-networking",
+                    "--disable-component-update",
+                    "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}",
+                    "--virtual-time-budget=60000",
+                    "--dump-dom",
+                    f"{front}/?project=browser&run=shared-run&auto=1&mapping=1",
+                ],
+                check=False,
+            )
+        stats = await _stats_of_every_worker(redis_workers)
+    dom = done.stdout.decode()
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert '<progress id="bar" max="100" value="100">' in dom, dom[-2000:]
+    assert 'data-final="completed"' in dom and 'data-mapping="hit"' in dom, dom[-2000:]
+    assert '<output id="state">completed</output>' in dom
+    # the bar advanced step by step, never back
+    found = re.search(r'data-trail="([a-z_:\d,]+)"', dom)
+    assert found is not None, dom[-2000:]
+    shown = [(status, int(p)) for status, p in (item.split(":") for item in found[1].split(","))]
+    # but for the library's known blip, not_started just before completed (see
+    # _without_known_blips)
+    shown = [
+        (status, p)
+        for n, (status, p) in enumerate(shown)
+        if not (status == "not_started" and n > 0 and shown[n + 1 : n + 2] == [("completed", 100)])
+    ]
+    percents = [p for _, p in shown]
+    assert percents == sorted(percents) and shown[-1] == ("completed", 100), found[1]
+    assert len([p for p in percents if 0 < p < 100]) >= 3, found[1]
+    # Mapping showed the run's stats
+    out = re.search(r'<pre id="out">(.*?)</pre>', dom, re.DOTALL)
+    assert out is not None, dom[-2000:]
+    mapping = json.loads(html.unescape(out[1]))
+    assert mapping["source"] == "hit"
+    assert set(mapping["stats"]) == {"papers", "authors", "llm_calls"}
+    assert 'data-stats="loaded"' in dom and '<output id="store">redis</output>' in dom
+
+    # what the page asked, and which worker answered
+    query = next(x for x in proxy.exchanges if x.path.endswith("/query"))
+    owner = query.worker
+    streams = [x for x in proxy.exchanges if x.path.endswith("/ingest/events")]
+    assert sum(x.cut for x in streams) >= 3, [(x.worker, x.cut) for x in streams]
+    assert json.loads(query.body)["ingest_started"] is True
+    running_on: set[int] = set()
+    every_state = []
+    for stream in streams:
+        states = parse_sse(stream.body.decode())
+        every_state += states
+        if any(s["status"] == "running" and s["progress"] for s in states):
+            running_on.add(stream.worker)
+    assert running_on == set(redis_workers.pids), [(x.worker, x.body) for x in streams]
+    started_at = next(s["started_at"] for s in every_state if s["status"] == "running")
+    assert started_at is not None
+    _check_one_run(_without_known_blips(every_state), started_at)
+    (click,) = [x for x in proxy.exchanges if x.path.endswith("/ingest") and x.method == "POST"]
+    assert json.loads(click.body) == mapping
+    # one execution in all, by the worker that answered the Query
+    assert {pid: s["pipeline_runs"] for pid, s in stats.items()} == {
+        pid: int(pid == owner) for pid in redis_workers.pids
+    }

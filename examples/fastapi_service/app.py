@@ -18,8 +18,16 @@ reads them back when the process knows nothing of a run (after a restart,
 say): SQLite by default, PostgreSQL when ``DATABASE_URL`` is a
 ``postgresql://`` URL. Run ids starting with ``fail`` fail, to show a failure.
 
+The runs are held in the process (the in-memory store) unless ``REDIS_URL`` is
+set: then every worker's Prefetcher uses ``RedisStore(REDIS_URL)``, so that
+several worker processes (``--workers 2``) share the runs: a run started by
+one worker is followed, joined and served by every other. Each response
+carries the ``X-Worker-Pid`` header of the worker that answered.
+
 Run it with ``python examples/fastapi_service/app.py`` and open
-http://127.0.0.1:8000/.
+http://127.0.0.1:8000/; with Redis and two workers, from the repository root::
+
+    REDIS_URL=redis://127.0.0.1:6379/0 uvicorn examples.fastapi_service.app:app --workers 2
 """
 
 from __future__ import annotations
@@ -29,9 +37,10 @@ import contextlib
 import hashlib
 import json
 import os
+import sys
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, Protocol
 
 import anyio
 from fastapi import FastAPI, Request
@@ -39,14 +48,20 @@ from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from prefetch_ingest import PrefetcherClosed, report_progress
 from prefetch_ingest.ingest import IngestPipeline, IngestPrefetcher
+
+if TYPE_CHECKING:
+    from prefetch_ingest.redis import RedisStore
 
 HERE = Path(__file__).resolve().parent
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
 Id = Annotated[str, PathParam(pattern=ID_PATTERN, description="a project or run id")]
 RUN = "/api/projects/{project_id}/runs/{run_id}"
+SSE_RETRY_MS = 1000
+"""How soon a browser reconnects an event stream that was cut (by a proxy, a restart ...)."""
 
 
 # -- where the stats are persisted ----------------------------------------------
@@ -63,7 +78,11 @@ class StatsDB(Protocol):
 
 
 class SqliteStats:
-    """The stats table in a SQLite file, through aiosqlite."""
+    """The stats table in a SQLite file, through aiosqlite.
+
+    Several worker processes may share the file: it is put in WAL mode (readers
+    never wait for a writer) and a writer waits up to 10 s for another's lock.
+    """
 
     def __init__(self, connection: Any) -> None:
         self._db = connection
@@ -72,14 +91,19 @@ class SqliteStats:
     async def open(cls, path: str) -> SqliteStats:
         import aiosqlite
 
-        connection = await aiosqlite.connect(path)
-        await connection.execute(
-            "CREATE TABLE IF NOT EXISTS ingest_stats ("
-            " project_id TEXT NOT NULL, run_id TEXT NOT NULL, stats TEXT NOT NULL,"
-            " completed_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP,"
-            " PRIMARY KEY (project_id, run_id))"
-        )
-        await connection.commit()
+        connection = await aiosqlite.connect(path, timeout=10.0)
+        try:
+            await connection.execute("PRAGMA journal_mode=WAL")
+            await connection.execute(
+                "CREATE TABLE IF NOT EXISTS ingest_stats ("
+                " project_id TEXT NOT NULL, run_id TEXT NOT NULL, stats TEXT NOT NULL,"
+                " completed_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP,"
+                " PRIMARY KEY (project_id, run_id))"
+            )
+            await connection.commit()
+        except BaseException:
+            await connection.close()
+            raise
         return cls(connection)
 
     async def save(self, project_id: str, run_id: str, stats: Mapping[str, Any]) -> None:
@@ -197,6 +221,41 @@ class SimulatedPipeline:
 # -- the web application -----------------------------------------------------------
 
 
+def open_store(url: str | None) -> RedisStore | None:
+    """The Prefetcher's store: ``RedisStore(url)`` for a Redis URL; None (in memory) otherwise.
+
+    ``url`` None reads ``REDIS_URL``; unset or empty keeps the runs in this process.
+    """
+    if url is None:
+        url = os.environ.get("REDIS_URL")
+    if not url:
+        return None
+    from prefetch_ingest.redis import RedisStore  # needs the 'redis' extra
+
+    return RedisStore(url)
+
+
+class WorkerPidHeader:
+    """Adds ``X-Worker-Pid`` to every response: which worker process answered."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        pid = str(os.getpid()).encode()
+
+        async def send_with_pid(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [*message.get("headers", ()), (b"x-worker-pid", pid)]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_pid)
+
+
 class IngestBody(BaseModel):
     """Body of the Mapping click."""
 
@@ -216,6 +275,7 @@ def _ingest_of(request: Request) -> IngestPrefetcher:
 def create_app(
     database_url: str | None = None,
     *,
+    redis_url: str | None = None,
     pipeline_factory: Callable[[StatsDB], IngestPipeline] | None = None,
     query_seconds: float = 0.3,
 ) -> FastAPI:
@@ -224,6 +284,9 @@ def create_app(
     Args:
         database_url: where stats are persisted (see :func:`open_stats_db`);
             None reads ``DATABASE_URL`` when the app starts.
+        redis_url: the shared store's Redis (see :func:`open_store`); None
+            reads ``REDIS_URL`` when the app starts, and without it the runs
+            are kept in this process.
         pipeline_factory: builds the ingest from the database; the default is
             :class:`SimulatedPipeline`.
         query_seconds: how long the simulated Query takes.
@@ -231,14 +294,17 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store = open_store(redis_url)
         db = await open_stats_db(database_url)
         try:
             pipeline = (pipeline_factory or SimulatedPipeline)(db)
             app.state.pipeline = pipeline
             app.state.db = db
-            # Background ingests yield to demanded ones: at most 4 run at once.
+            app.state.store = "memory" if store is None else "redis"
+            # Background ingests yield to demanded ones: at most 4 run at once
+            # (in each worker).
             async with IngestPrefetcher(
-                pipeline, persisted_stats=db.load, max_concurrency=4
+                pipeline, persisted_stats=db.load, max_concurrency=4, store=store
             ) as ingest:
                 app.state.ingest = ingest
                 yield
@@ -246,6 +312,7 @@ def create_app(
             await db.aclose()
 
     app = FastAPI(title="prefetch_ingest example", lifespan=lifespan)
+    app.add_middleware(WorkerPidHeader)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -291,8 +358,14 @@ def create_app(
     @app.get("/stats")
     async def stats(request: Request) -> dict[str, Any]:
         # this worker's counters: hits, joins, time saved, and the speculation
-        # nobody read (unclaimed, wasted_seconds)
-        return _ingest_of(request).stats().as_dict()
+        # nobody read (unclaimed, wasted_seconds); then which worker it is, its
+        # store, and how many ingests its pipeline ran
+        return {
+            **_ingest_of(request).stats().as_dict(),
+            "worker_pid": os.getpid(),
+            "store": request.app.state.store,
+            "pipeline_runs": getattr(request.app.state.pipeline, "runs", None),
+        }
 
     @app.get(RUN + "/ingest/status")
     async def status(request: Request, project_id: Id, run_id: Id) -> dict[str, Any]:
@@ -304,9 +377,14 @@ def create_app(
 
         async def stream() -> AsyncIterator[str]:
             # aclosing: a client that goes away unregisters the watch at once.
+            # The first event tells the browser to reconnect within a second if
+            # the stream is cut; it may reach another worker, which follows the
+            # same run.
+            retry = f"retry: {SSE_RETRY_MS}\n"
             async with contextlib.aclosing(ingest.watch(project_id, run_id)) as states:
                 async for state in states:
-                    yield f"event: status\ndata: {json.dumps(state.to_dict())}\n\n"
+                    yield f"{retry}event: status\ndata: {json.dumps(state.to_dict())}\n\n"
+                    retry = ""
 
         return StreamingResponse(
             stream(),
@@ -318,17 +396,40 @@ def create_app(
 
 
 app = create_app()
-"""For ``uvicorn app:app --app-dir examples/fastapi_service``."""
+"""For ``uvicorn examples.fastapi_service.app:app`` (from the repository root, any
+``--workers``) or ``uvicorn app:app --app-dir examples/fastapi_service``."""
 
 
 def main() -> None:
     import uvicorn
 
-    parser = argparse.ArgumentParser(description="Run the prefetch_ingest example service.")
+    parser = argparse.ArgumentParser(
+        description="Run the prefetch_ingest example service.",
+        epilog="Environment: REDIS_URL (share the runs between workers through Redis), "
+        "DATABASE_URL (where the stats are stored).",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes (default 1); set REDIS_URL so that they share the runs",
+    )
     args = parser.parse_args()
-    uvicorn.run(app, host=args.host, port=args.port)
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
+    if args.workers == 1:
+        uvicorn.run(app, host=args.host, port=args.port)
+        return
+    if not os.environ.get("REDIS_URL"):
+        print(
+            f"warning: {args.workers} workers without REDIS_URL: each worker keeps its own "
+            "runs (a run started by one is not seen by the others)",
+            file=sys.stderr,
+        )
+    # Several processes: uvicorn imports the app in each one, by name.
+    uvicorn.run("app:app", app_dir=str(HERE), host=args.host, port=args.port, workers=args.workers)
 
 
 if __name__ == "__main__":
