@@ -49,6 +49,8 @@ class StoredEntry:
     """A completed value is stored (``value``), served even while a reload runs."""
     value_duration: float = 0.0
     """How long the run that produced ``value`` took (seconds): what a hit saves."""
+    value_at: float | None = None
+    """When the run that produced ``value`` completed (epoch seconds)."""
 
 
 @attrs.frozen
@@ -129,10 +131,16 @@ class SharedStore(Protocol):
     async def cancel(self, key: Hashable) -> bool:
         """Cancel the key's run in whichever instance runs it; True if there was one."""
 
-    def worth_starting(self, key: Hashable) -> bool:
-        """Synchronous and local: False when a background load of ``key`` would be
-        pointless — this instance has seen a fresh stored value of it, or the store is
-        unreachable and there is no fallback."""
+    def worth_starting(self, key: Hashable, refresh_after: float = ...) -> str:
+        """Synchronous and local: should ``prefetch`` start a background load of ``key``?
+
+        ``"no"``: this instance has seen a fresh stored value of it (younger than
+        ``refresh_after``), or the store is unreachable with no fallback (asked again
+        at most once a second); ``"reload"``: a value seen fresh is older than
+        ``refresh_after`` (a forced reload); ``"load"``: nothing known, start one."""
+
+    def probe_due(self) -> bool:
+        """Reachable, or unreachable long enough (a second) to be worth asking again."""
 
     async def invalidate(self, key: Hashable) -> bool:
         """Forget the key's stored result or failure; True if there was one."""

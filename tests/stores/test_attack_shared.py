@@ -261,14 +261,6 @@ async def test_one_store_object_cannot_serve_two_prefetchers_at_once() -> None:
 # -- freshness ---------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "Prefetcher._ask_store serves any stored value as a HIT without checking ttl; with ttl=0 "
-        "LeasedStore.open keeps outcomes >= 1 s (_TTL0_KEEP, meant for followers of that run), so "
-        "a later get elsewhere is served a value expired at completion"
-    ),
-)
 async def test_ttl_zero_a_completed_run_is_not_served_to_a_later_get_on_another_instance() -> None:
     server = MemoryServer()
     load = Gate()
@@ -295,14 +287,6 @@ async def test_a_failed_refresh_keeps_the_old_value_on_every_instance() -> None:
         assert load.calls == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "with a store, a failed refresh_after reload puts the stale value back in the local table "
-        "(core.fail -> _restore_prior); the fast hit path serves it after another instance "
-        "invalidated the key"
-    ),
-)
 async def test_a_failed_background_refresh_does_not_pin_a_value_invalidated_elsewhere() -> None:
     server = MemoryServer()
     load = Gate("v1")
@@ -322,14 +306,6 @@ async def test_a_failed_background_refresh_does_not_pin_a_value_invalidated_else
         assert await b.get("k") == "v2"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "with a store, a cancelled refresh_after reload puts the stale value back in the local "
-        "table (core.cancel -> _restore_prior); the fast hit path serves it after another instance "
-        "invalidated the key"
-    ),
-)
 async def test_a_cancelled_background_refresh_does_not_pin_a_value_invalidated_elsewhere() -> None:
     server = MemoryServer()
     load = Gate("v1")
@@ -505,13 +481,6 @@ async def test_a_failure_invalidated_on_another_instance_is_no_longer_reported_h
         assert (await a.status("k")).status is Status.NOT_STARTED
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "Prefetcher.status prefers the store's FAILED entry (Snapshots.of_stored) to the local "
-        "Failed record: Snapshot.exception is None even in the process that raised it"
-    ),
-)
 async def test_the_owners_snapshot_of_its_failure_carries_the_exception_within_failure_ttl() -> (
     None
 ):
@@ -829,13 +798,6 @@ async def test_a_follower_past_the_lease_in_an_outage_ends_with_store_error() ->
         assert out[1] == "v"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "Prefetcher.wait with no local flight re-reads through status() -> lookup(), which raises "
-        "StoreError at the first store error although the owner's lease lives"
-    ),
-)
 async def test_wait_on_another_instance_rides_out_an_outage_while_the_lease_lives() -> None:
     server = MemoryServer()
     load = Gate("v")
@@ -881,14 +843,6 @@ async def test_store_available_logs_are_rate_limited_while_the_store_flaps() -> 
     assert by_event.get("prefetch.store_available", 0) <= elapsed + 2, (by_event, elapsed)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "LeasedStore.worth_starting refuses while reachable is False (no fallback) and only a "
-        "successful store call sets it back: prefetch/after_query never probe, so alone they start "
-        "nothing ever again after an outage"
-    ),
-)
 async def test_prefetch_starts_again_once_a_store_known_down_answers() -> None:
     server = MemoryServer()
     load = Gate("v")
@@ -900,19 +854,14 @@ async def test_prefetch_starts_again_once_a_store_known_down_answers() -> None:
                 await a.get("x")  # now known down: prefetch starts nothing meanwhile
             assert a.prefetch("k") is False
             server.down = False
+        # prefetch is synchronous: it learns that the store answers again from the next
+        # call that reaches it (or by itself within a second)
+        assert (await a.status("x")).status is Status.NOT_STARTED
         assert a.prefetch("k") is True  # the store answers again: so does prefetch
         assert (await a.wait("k", timeout=5)).status is Status.COMPLETED
         assert load.calls == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "LeasedStore.worth_starting: the fresh mark lasts until the value's expiry, so prefetch "
-        "starts nothing past refresh_after, where store=None starts the reload (core.on_prefetch "
-        "said start)"
-    ),
-)
 async def test_prefetch_past_refresh_after_reloads_as_with_no_store() -> None:
     server = MemoryServer()
     results: dict[str, bool] = {}
@@ -959,13 +908,6 @@ async def test_fallback_local_two_instances_each_run_once_and_the_store_is_used_
         assert load.calls == 3  # one execution across both instances again
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "Prefetcher._ask_store: with the store down (lookup -> None) a local Failed record within "
-        "failure_ttl is ignored and the load runs again (core.on_get never RAISEs with a store)"
-    ),
-)
 async def test_fallback_local_within_failure_ttl_raises_the_same_exception_during_an_outage() -> (
     None
 ):
@@ -985,14 +927,6 @@ async def test_fallback_local_within_failure_ttl_raises_the_same_exception_durin
         assert load.calls == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "values kept by fallback='local' are plain Done records on the fast hit path; nothing "
-        "probes the store, so after it answers they shadow newer stored values (up to ttl) until "
-        "an unrelated store call fires _store_reachable"
-    ),
-)
 async def test_fallback_local_a_kept_value_steps_aside_once_the_store_answers_again() -> None:
     server = MemoryServer()
     load = Gate("during")
@@ -1539,14 +1473,6 @@ class TestRedis:
                         redis_server.resume()
                 assert early == ["v", "v"]
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason=(
-            "Prefetcher.wait with no local flight re-reads through status() -> lookup(), which "
-            "raises StoreError at the first failed read in a Redis restart although the owner's "
-            "lease (10 s) lives"
-        ),
-    )
     async def test_wait_on_a_bystander_rides_out_a_redis_restart_while_the_lease_lives(
         self, durable_redis: RedisServer
     ) -> None:

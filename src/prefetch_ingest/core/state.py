@@ -321,7 +321,13 @@ class Core:
     def _restore_prior(self, flight: Flight, now: float) -> bool:
         """Put back the record ``flight`` replaced, if it is still fresh. True if restored."""
         prior = flight.prior
-        if prior is not None and now - prior.done < self.ttl:
+        if (
+            prior is not None
+            and now - prior.done < self.ttl
+            # with a shared store a value is the store's to keep (it still holds it): a
+            # local copy would be served past the store's invalidations
+            and (self.local_results or prior.__class__ is Failed)
+        ):
             flight.prior = None
             for victim in self.table.put(flight.key, prior):
                 self._evicted(victim)
@@ -330,14 +336,8 @@ class Core:
         self._drop_prior(flight)
         return False
 
-    def complete(
-        self, flight: Flight, value: Any, now: float, *, ran_here: bool = True, keep: bool = False
-    ) -> bool:
-        """The load returned ``value``. True if the key's visible state changed.
-
-        ``keep``: keep the value here even though results live in a shared store
-        (it could not be written there: the store was unreachable).
-        """
+    def complete(self, flight: Flight, value: Any, now: float, *, ran_here: bool = True) -> bool:
+        """The load returned ``value``. True if the key's visible state changed."""
         if flight.done is not None:
             return False  # already ended (cancelled, or the Prefetcher closed)
         duration = self._end(flight, now)
@@ -357,7 +357,7 @@ class Core:
             flight.prior = None
             return False  # detached (invalidate): its waiters get the value, nothing is stored
         self._drop_prior(flight)
-        if self.local_results or keep:
+        if self.local_results:
             cls = Done if flight.claimed else Unclaimed
             record = cls(flight.key, value, now, duration, flight.background)
             for victim in self.table.put(flight.key, record):

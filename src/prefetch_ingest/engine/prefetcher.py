@@ -27,6 +27,7 @@ from typing import Any, Generic, Self, TypeVar, cast, overload
 
 import anyio
 import anyio.abc
+import attrs
 
 from prefetch_ingest import _log
 from prefetch_ingest._errors import (
@@ -35,6 +36,7 @@ from prefetch_ingest._errors import (
     PrefetchError,
     ReentrantLoadError,
     RemoteLoadError,
+    StoreError,
     WrongThreadError,
 )
 from prefetch_ingest._progress import current_sink
@@ -43,7 +45,6 @@ from prefetch_ingest._types import Served, Snapshot, Source, Stats, Status
 from prefetch_ingest._validate import check_duration, check_fn, check_limit, error_text
 from prefetch_ingest.admission import Admission, FixedAdmission
 from prefetch_ingest.core import ASK_STORE, HIT, JOIN, RAISE, Core, Done, Failed, Flight
-from prefetch_ingest.core.records import Unclaimed
 from prefetch_ingest.core.snapshots import Snapshots
 
 from .watch import Watch, Watchers
@@ -59,6 +60,7 @@ _INF = math.inf
 _PENDING = Status.PENDING
 _RUNNING = Status.RUNNING
 _COMPLETED = Status.COMPLETED
+_KEPT_LIMIT = 10_000  # values kept during a store outage (fallback="local"), at most
 _FAILED = Status.FAILED
 _HIT = Source.HIT
 _JOINED = Source.JOINED
@@ -230,6 +232,7 @@ class Prefetcher(Generic[K, V]):
         self._name = "default" if name is None else name
         self._remote = store
         self._fallback_local = getattr(store, "fallback", None) == "local"
+        self._kept: dict[Hashable, Done] = {}  # fallback="local": values of an outage
         if store is not None and hasattr(store, "on_reachable"):
             store.on_reachable = self._store_reachable
         self._clock = clock
@@ -707,18 +710,35 @@ class Prefetcher(Generic[K, V]):
         assert remote is not None
         core = self._core
         local_failure = local if local.__class__ is Failed else None
-        stored = await remote.lookup(key, for_get=True)
+        stored = await remote.lookup(key, for_get=True)  # the truth as soon as it answers
         now = self._clock()
         entry = core.current(key, now)  # a local flight may have started meanwhile
         if entry.__class__ is Flight:
             core.join(entry, now)
             self._joined(entry)
             return entry, _JOINED
-        if stored is None and (entry.__class__ is Done or entry.__class__ is Unclaimed):
-            # the store is unreachable (fallback="local") and a load of this key, run
-            # here meanwhile, kept its value: served as with no shared store
-            core.hit(key, entry, now)
-            return entry.value, _HIT
+        if stored is None and not getattr(remote, "reachable", True):
+            # the store is unreachable (fallback="local"): as with no shared store
+            kept = self._kept_value(key)
+            if kept is not None and not force:
+                core.hit(key, kept, now)
+                return kept.value, _HIT
+            if (
+                entry.__class__ is Failed
+                and entry.error is not None
+                and not force
+                and now - entry.done < self._failure_ttl
+            ):
+                raise entry.error.with_traceback(entry.tb)
+        if (
+            stored is not None
+            and stored.has_value
+            and stored.value_at is not None
+            and time.time() - stored.value_at >= self._ttl
+        ):
+            # older than this Prefetcher's ttl (with ttl=0 the store keeps a value a
+            # moment, for the waiters of that very run): not served, loaded again
+            stored, force = None, True
         if stored is not None and not force:
             if stored.has_value:
                 if local_failure is not None:  # a newer result stands
@@ -818,18 +838,22 @@ class Prefetcher(Generic[K, V]):
         if not start:
             return False
         remote = self._remote
-        if remote is not None and not remote.worth_starting(key):
-            # known fresh in the shared store, or the store is down with no fallback:
-            # starting would only read the stored value (or fail)
-            core.counters.deduplicated += 1
-            return False
+        force = False
+        if remote is not None:
+            plan = remote.worth_starting(key, self._refresh_after)
+            if plan == "no":
+                # known fresh in the shared store, or the store is down with no
+                # fallback: starting would only read the stored value (or fail)
+                core.counters.deduplicated += 1
+                return False
+            force = plan == "reload"  # past refresh_after: a reload, as with no store
         run_fn, run_args = self._resolve_fn(key, fn, args)
         self._start(
             key,
             run_fn,
             run_args,
             background=True,
-            force=False,
+            force=force,
             prior=record,
             chain=chain,
             delay=d,
@@ -1081,10 +1105,16 @@ class Prefetcher(Generic[K, V]):
         if flight.done is not None:
             return  # ended already (cancel, close): its value goes nowhere, as in _raised
         now = self._clock()
-        # keep: the shared store could not take the value; with fallback="local" it
-        # is kept and served here, as with no shared store, until the store answers
-        keep = keep and self._fallback_local
-        changed = self._core.complete(flight, value, now, ran_here=ran_here, keep=keep)
+        changed = self._core.complete(flight, value, now, ran_here=ran_here)
+        if keep and changed and self._fallback_local:
+            # the shared store could not take the value: with fallback="local" it is
+            # kept and served here, as with no shared store, until the store answers
+            # (beside the table, off the hit path: every get asks whether it does)
+            kept = self._kept
+            if len(kept) >= _KEPT_LIMIT:
+                kept.pop(next(iter(kept)))
+            started = flight.started if flight.started is not None else now
+            kept[flight.key] = Done(flight.key, value, now, now - started, flight.background)
         self._wake(flight)
         if self._log_info:
             started = flight.started if flight.started is not None else now
@@ -1121,12 +1151,15 @@ class Prefetcher(Generic[K, V]):
 
     def _store_reachable(self) -> None:
         """The shared store answers again: values kept here during the outage step aside."""
-        if not self._fallback_local:
-            return
-        table = self._core.table
-        for key, entry in list(self._entries.items()):
-            if entry.__class__ is not Flight:
-                table.remove_if(key, entry)
+        self._kept.clear()
+
+    def _kept_value(self, key: Hashable) -> Done | None:
+        """A value kept here while the store was unreachable (fallback="local"), if fresh."""
+        kept = self._kept.get(key)
+        if kept is not None and self._clock() - kept.done >= self._ttl:
+            del self._kept[key]
+            return None
+        return kept
 
     def _ended(self, flight: Flight) -> None:
         """The load's task is over: free its slot, start who was waiting for one."""
@@ -1315,6 +1348,8 @@ class Prefetcher(Generic[K, V]):
         """
         t, _ = self._check_call(key, None, timeout)
         remote = self._remote
+        live_until = -_INF  # a lease seen running elsewhere may live until then
+        backoff = 0.02
         with anyio.fail_after(t) if t is not None else _NO_SCOPE:
             while True:
                 entry = self._core.current(key, self._clock())
@@ -1331,9 +1366,19 @@ class Prefetcher(Generic[K, V]):
                     if isinstance(entry.error, PrefetcherClosed) or self._state != "open":
                         raise PrefetcherClosed()
                     continue
-                snap = await self.status(key)
+                try:
+                    snap = await self.status(key)
+                except StoreError:
+                    # while another instance may hold a live lease, ride the outage out
+                    if remote is None or anyio.current_time() >= live_until:
+                        raise
+                    await anyio.sleep(backoff)
+                    backoff = min(backoff * 2, 1.0)
+                    continue
                 if remote is None or snap.status is not Status.RUNNING:
                     return snap
+                live_until = anyio.current_time() + getattr(remote, "lease", 30.0)
+                backoff = 0.02
                 if self._core.current(key, self._clock()).__class__ is Flight:
                     continue  # a load of the key began here meanwhile: await it
                 # another instance runs the key: its end is the store's to tell
@@ -1362,10 +1407,25 @@ class Prefetcher(Generic[K, V]):
             # process has completed the key since.
             stored = await self._remote.lookup(key)
             if stored is not None:
+                local = core.current(key, self._clock())
+                if (
+                    stored.status is _FAILED
+                    and local.__class__ is Failed
+                    and local.token is not None
+                    and local.token == stored.token
+                ):
+                    # the very failure that ran here: the store's record (the same on
+                    # every instance), carrying the exception (within failure_ttl)
+                    snap = self._snap.of_stored(key, stored)
+                    return attrs.evolve(snap, exception=local.error)
                 return self._snap.of_stored(key, stored)
             entry = core.current(key, self._clock())
             if entry.__class__ is Flight:
                 return self._snap.of_flight(entry)
+            if not getattr(self._remote, "reachable", True):
+                kept = self._kept_value(key)
+                if kept is not None:
+                    return self._snap.of_key(key, kept)
             if entry.__class__ is Failed and getattr(self._remote, "reachable", True):
                 # The store records every failure as long as a value: if it no longer
                 # has this one, it was invalidated (or replaced, or expired) there.

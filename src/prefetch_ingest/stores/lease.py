@@ -193,7 +193,9 @@ class LeasedStore:
         self._digests: dict[Hashable, str] = {}
         self._owned: dict[str, _Owned] = {}
         self._reads: dict[str, _SharedRead] = {}
-        self._fresh: dict[str, float] = {}  # digest -> until when a value seen here is fresh
+        # digest -> (until when a value seen here is fresh (monotonic), its completion time)
+        self._fresh: dict[str, tuple[float, float]] = {}
+        self._down_at = -math.inf  # when an operation last failed (monotonic)
         self._limiter = _Limiter()
         self.reachable = True
         """False after an operation failed because the store was unreachable, until one
@@ -348,7 +350,7 @@ class LeasedStore:
                 o = None
             else:
                 has_value = True
-                self._seen_fresh(digest, o.expires_at)
+                self._seen_fresh(digest, o)
         duration = max(o.completed_at - o.started_at, 0.0) if o is not None else 0.0
         run = read.run
         if run is not None:
@@ -361,6 +363,7 @@ class LeasedStore:
                 token=run.token,
                 has_value=has_value,
                 value_duration=duration if has_value else 0.0,
+                value_at=o.completed_at if has_value and o is not None else None,
             )
         if o is None:
             return None
@@ -375,6 +378,7 @@ class LeasedStore:
                 token=o.token,
                 has_value=True,
                 value_duration=duration,
+                value_at=o.completed_at,
             )
         return StoredEntry(
             status=Status.FAILED,
@@ -490,7 +494,7 @@ class LeasedStore:
         except Exception as exc:
             self._corrupt(key, exc)
             return None
-        self._seen_fresh(self._digest(key), o.expires_at)
+        self._seen_fresh(self._digest(key), o)
         return LoadOutcome(value, False, token=o.token, duration=duration)
 
     async def _own(
@@ -632,7 +636,7 @@ class LeasedStore:
                 self._up()
             if answer is Completion.WRITTEN:
                 if outcome.ok:
-                    self._seen_fresh(digest, outcome.expires_at)
+                    self._seen_fresh(digest, outcome)
                 return True, True
             if answer is Completion.SUPERSEDED:
                 _log.logger.warning(
@@ -702,12 +706,23 @@ class LeasedStore:
 
     # -- other operations ------------------------------------------------------------
 
-    def worth_starting(self, key: Hashable) -> bool:
+    def probe_due(self) -> bool:
+        """Reachable, or unreachable for a second since the last failure: worth asking."""
+        return self.reachable or time.monotonic() - self._down_at >= _LOG_EVERY
+
+    def worth_starting(self, key: Hashable, refresh_after: float = math.inf) -> str:
         """See :meth:`prefetch_ingest.SharedStore.worth_starting` (no round trip)."""
-        if not self.reachable and self._fallback is None:
-            return False
-        until = self._fresh.get(self._digest(key))
-        return until is None or time.monotonic() >= until
+        if not self.reachable and self._fallback is None and not self.probe_due():
+            return "no"
+        seen = self._fresh.get(self._digest(key))
+        if seen is None:
+            return "load"
+        until, completed_at = seen
+        if time.monotonic() >= until:
+            return "load"
+        if time.time() - completed_at >= refresh_after:
+            return "reload"
+        return "no"
 
     def _notice(self, digest: str | None, event: str) -> None:
         """A notification: an invalidation (of a key, or of everything) ends what this
@@ -719,12 +734,12 @@ class LeasedStore:
         else:
             self._fresh.pop(digest, None)
 
-    def _seen_fresh(self, digest: str, expires_at: float | None) -> None:
+    def _seen_fresh(self, digest: str, o: Outcome) -> None:
         fresh = self._fresh
         if len(fresh) >= _DIGESTS_KEPT:
             fresh.clear()
-        left = math.inf if expires_at is None else expires_at - time.time()
-        fresh[digest] = time.monotonic() + left
+        left = math.inf if o.expires_at is None else o.expires_at - time.time()
+        fresh[digest] = (time.monotonic() + left, o.completed_at)
 
     async def invalidate(self, key: Hashable) -> bool:
         """Forget the key's outcome and detach its run (whichever instance runs it)."""
@@ -792,6 +807,7 @@ class LeasedStore:
     def _down(self, op: str, exc: BaseException, key: object = None) -> None:
         """Note an outage; log it (at most once a second per operation)."""
         self.reachable = False
+        self._down_at = time.monotonic()
         level = "warning" if self._fallback == "local" else "error"
         self._log_once(
             op,
