@@ -712,33 +712,6 @@ def _rank(state: Mapping[str, Any]) -> tuple[int, int]:
     return order[state["status"]], -1 if progress is None else int(progress["done"])
 
 
-def _without_known_blips(states: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """The event stream without the two states the library wrongly inserts today.
-
-    ``watch`` on a shared store yields ``not_started`` just before ``completed``,
-    and, on a worker where a Mapping click joined the other worker's run, a
-    ``running`` state without the run's progress and with ``background_task:
-    false`` (strict xfail tests in tests/test_shared_watch_blips.py; when the
-    library is fixed, this filter goes).
-    """
-    kept: list[Mapping[str, Any]] = []
-    progressed = False
-    for n, state in enumerate(states):
-        later = states[n + 1]["status"] if n + 1 < len(states) else None
-        if state["status"] == "not_started" and later == "completed" and kept:
-            continue
-        if (
-            state["status"] == "running"
-            and progressed
-            and state["progress"] is None
-            and state["background_task"] is False
-        ):
-            continue
-        progressed = progressed or state["progress"] is not None
-        kept.append(state)
-    return kept
-
-
 def _check_one_run(states: Sequence[Mapping[str, Any]], started_at: str) -> None:
     """Every state is of that one background run, and it only moves forward to completed.
 
@@ -835,7 +808,7 @@ async def test_two_workers_on_redis_report_one_run_and_run_it_once(
     for pid in (owner, other):
         mine = [state for worker, state in polled if worker == pid]
         assert any(s["status"] == "running" and s["progress"] for s in mine), (pid, mine)
-        stream = _without_known_blips(streams[pid])
+        stream = streams[pid]
         _check_one_run(stream, started_at)
         assert any(s["status"] == "running" and s["progress"] for s in stream), stream
     assert sorted(pid for pid, _ in joined) == sorted((owner, other))
@@ -896,13 +869,6 @@ async def test_the_page_in_headless_chromium_follows_a_run_across_two_workers(
     found = re.search(r'data-trail="([a-z_:\d,]+)"', dom)
     assert found is not None, dom[-2000:]
     shown = [(status, int(p)) for status, p in (item.split(":") for item in found[1].split(","))]
-    # but for the library's known blip, not_started just before completed (see
-    # _without_known_blips)
-    shown = [
-        (status, p)
-        for n, (status, p) in enumerate(shown)
-        if not (status == "not_started" and n > 0 and shown[n + 1 : n + 2] == [("completed", 100)])
-    ]
     percents = [p for _, p in shown]
     assert percents == sorted(percents) and shown[-1] == ("completed", 100), found[1]
     assert len([p for p in percents if 0 < p < 100]) >= 3, found[1]
@@ -930,7 +896,7 @@ async def test_the_page_in_headless_chromium_follows_a_run_across_two_workers(
     assert running_on == set(redis_workers.pids), [(x.worker, x.body) for x in streams]
     started_at = next(s["started_at"] for s in every_state if s["status"] == "running")
     assert started_at is not None
-    _check_one_run(_without_known_blips(every_state), started_at)
+    _check_one_run(every_state, started_at)
     (click,) = [x for x in proxy.exchanges if x.path.endswith("/ingest") and x.method == "POST"]
     assert json.loads(click.body) == mapping
     # one execution in all, by the worker that answered the Query

@@ -4,9 +4,8 @@ Found by the FastAPI example on Redis with two workers (tests/test_examples.py):
 event stream showed a run going ``running`` → ``not_started`` → ``completed`` (the
 progress bar fell back to 0 just before it completed), and on a worker where a
 Mapping click joined the other worker's run, a ``running`` state without the run's
-progress and with ``background: false``. Each test here fails today (strict xfail);
-when the library is fixed, drop the markers and ``_without_known_blips`` in
-tests/test_examples.py.
+progress and with ``background: false``. Both are fixed; these are the regression tests
+(the example's tests no longer filter those states out).
 """
 
 from __future__ import annotations
@@ -26,12 +25,6 @@ from .redis_server import RedisServer, redis_server_fixture
 pytestmark = pytest.mark.anyio
 
 redis_server = redis_server_fixture()
-
-BLIP = "watch yields a spurious not_started between running and completed on a shared store"
-JOIN_BLIP = (
-    BLIP + "; and (Redis) where a caller joins another instance's run, a running snapshot "
-    "without the run's progress and with background=False"
-)
 
 
 @pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
@@ -111,7 +104,6 @@ def _check_the_run(seen: list[Snapshot]) -> None:
     assert all(s.background for s in seen), described
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=BLIP)
 async def test_the_owners_watch_goes_from_running_to_completed(
     new_store: Callable[[], Any],
 ) -> None:
@@ -127,7 +119,6 @@ async def test_the_owners_watch_goes_from_running_to_completed(
     _check_the_run(watched.seen)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=JOIN_BLIP)
 async def test_a_followers_watch_keeps_describing_the_run_a_caller_there_joins(
     new_store: Callable[[], Any],
 ) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 from prefetch_ingest._store import StoredEntry
 from prefetch_ingest._types import Progress, Snapshot, Status
+from prefetch_ingest._validate import error_text
 
 from .counters import Counters
 from .records import Done, Failed, Flight, Unclaimed
@@ -73,6 +74,29 @@ class Snapshots:
             started_at=self.wall(flight.started),
             progress=self.progress(flight, self.clock()),
             background=flight.background,
+        )
+
+    def of_ended(self, flight: Flight) -> Snapshot:
+        """The snapshot of a flight that just ended the key's run, whose result lives in a
+        shared store: the run's own start and origin when it followed another instance."""
+        remote = flight.remote
+        started = self.wall(flight.started)
+        background = flight.background
+        if remote is not None and remote.started_at is not None:
+            started = datetime.fromtimestamp(remote.started_at, UTC)
+            background = remote.background
+        failed = flight.status is _FAILED
+        error = flight.error
+        return Snapshot(
+            key=flight.key,
+            status=flight.status,
+            started_at=started,
+            completed_at=self.wall(flight.done),
+            result=None if failed else flight.value,
+            error=error_text(error) if failed and error is not None else None,
+            exception=error if failed else None,
+            background=background,
+            expires_at=None if flight.done is None else self.expires(flight.done),
         )
 
     def of_key(self, key: Hashable, entry: Any) -> Snapshot:

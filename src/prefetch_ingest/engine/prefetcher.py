@@ -1097,7 +1097,7 @@ class Prefetcher(Generic[K, V]):
                 exc_info=exc,
             )
         if changed and self._watchers:
-            self._notify_key(flight.key)
+            self._notify_key(flight.key, flight)
         if changed and self._failure_ttl > 0 and self._wake_sweeper is not None:
             self._wake_sweeper.set()  # it must let go of this exception at failure_ttl
 
@@ -1126,7 +1126,7 @@ class Prefetcher(Generic[K, V]):
                 background=flight.background,
             )
         if changed and self._watchers:
-            self._notify_key(flight.key)
+            self._notify_key(flight.key, flight)
 
     def _following(self, flight: Flight, entry: StoredEntry) -> None:
         """A shared store read the run this flight follows in another instance."""
@@ -1140,6 +1140,8 @@ class Prefetcher(Generic[K, V]):
         """This flight's load took the key's lease: it is the run now, not a follower."""
         flight.token = token
         flight.remote = None
+        if self._watchers and self._core.is_current(flight):
+            self._notify_key(flight.key)
 
     def _lease_lost(self, flight: Flight, cancelled: bool) -> None:
         """Another instance took this run's lease away: ``cancel`` (True) or ``invalidate``."""
@@ -1516,12 +1518,32 @@ class Prefetcher(Generic[K, V]):
     def _has_flight(self, key: Hashable) -> bool:
         return self._entries.get(key).__class__ is Flight
 
-    def _notify_key(self, key: Hashable) -> None:
-        """Tell the watchers of ``key`` its current state (never a detached load's)."""
+    def _notify_key(self, key: Hashable, ended: Flight | None = None) -> None:
+        """Tell the watchers of ``key`` its current state (never a detached load's).
+
+        With a shared store: a running flight that is not yet known to be the run or a
+        follower of another instance's run is not shown (its own start would be
+        wrong); ``ended`` is the flight that just ended the key's run (its result lives
+        in the store, not in the table, so the table alone would say NOT_STARTED).
+        """
         watchers = self._watchers.of(key)
         if not watchers:
             return
-        snapshot = self._snap.of_key(key, self._entries.get(key))
+        entry = self._entries.get(key)
+        if self._remote is not None:
+            if (
+                entry.__class__ is Flight
+                and entry.status is _RUNNING
+                and entry.token is None
+                and entry.remote is None
+            ):
+                return  # the store has not said yet whose run this is
+            if entry is None and ended is not None:
+                snapshot = self._snap.of_ended(ended)
+                for watcher in watchers:
+                    watcher.push(snapshot)
+                return
+        snapshot = self._snap.of_key(key, entry)
         for watcher in watchers:
             watcher.push(snapshot)
 
