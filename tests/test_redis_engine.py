@@ -141,6 +141,7 @@ async def test_a_brand_new_instance_sees_status_and_hits(redis_server: RedisServ
 async def test_two_instances_fifty_callers_each_one_execution(redis_server: RedisServer) -> None:
     a_load, b_load = Counter("v"), Counter("v")
     a_load.gate = b_load.gate = anyio.Event()
+    a_load.started = b_load.started = anyio.Event()
     got: list[Any] = []
     async with (
         Prefetcher(a_load, store=RedisStore(redis_server.url, lease=5.0)) as a,
@@ -154,6 +155,7 @@ async def test_two_instances_fifty_callers_each_one_execution(redis_server: Redi
             for _ in range(50):
                 tg.start_soon(call, a)
                 tg.start_soon(call, b)
+            await a_load.started.wait()  # one of them runs it (a Redis round trip away)
             await anyio.wait_all_tasks_blocked()
             assert a_load.calls + b_load.calls == 1
             a_load.gate.set()

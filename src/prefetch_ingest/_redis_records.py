@@ -15,7 +15,9 @@ Lease::
     token (16 hex) | fence (16 digits) | started (double) | background (1 byte)
           | progress: JSON [done, total, message, eta] or nothing
 
-Cancel note: the 16-character token of the run that was cancelled.
+Note (one per key, kept briefly): ``x`` and the 16-character token of a run that was
+cancelled; or ``f``, the token, and the error (type, NUL, message) of a failed run that
+did not replace the stored value (a failed refresh), for the run's followers.
 
 Parsing never runs code and never trusts a length or a type it did not
 check: anything unexpected raises :class:`CorruptRecord`.
@@ -36,6 +38,7 @@ __all__ = [
     "dump_lease",
     "dump_lease_meta",
     "dump_progress",
+    "dump_failure_note",
     "dump_outcome",
     "fence_text",
     "parse_lease",
@@ -198,5 +201,36 @@ def parse_lease(data: bytes) -> Run:
     return Run(token, fence, started, background, progress)
 
 
-def parse_note(data: bytes) -> str:
-    return _token(data)
+def dump_failure_note(o: Outcome) -> bytes:
+    """A failure that did not replace the stored value, for the run's followers."""
+    return (
+        b"f"
+        + o.token.encode("ascii")
+        + (o.error_type or "Exception").encode("utf-8", "backslashreplace")
+        + b"\0"
+        + (o.error_message or "").encode("utf-8", "backslashreplace")
+    )
+
+
+def parse_note(data: bytes) -> str | Outcome:
+    """A cancel note (``x`` and the run's token: the token) or a failure note (an Outcome)."""
+    kind = data[:1]
+    token = _token(data[1 : 1 + TOKEN_LEN])
+    if kind == b"x" and len(data) == 1 + TOKEN_LEN:
+        return token
+    if kind != b"f":
+        raise CorruptRecord("not a note of this library")
+    error_type, sep, message = data[1 + TOKEN_LEN :].partition(b"\0")
+    if not sep:
+        raise CorruptRecord("a failure note without an error")
+    return Outcome(
+        False,
+        token,
+        0,
+        0.0,
+        0.0,
+        False,
+        b"",
+        error_type.decode("utf-8", "replace"),
+        message.decode("utf-8", "replace"),
+    )

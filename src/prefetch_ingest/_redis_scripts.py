@@ -5,7 +5,7 @@ Each script runs atomically in Redis and touches only the keys of one entry
 
 - ``KEYS[1]``: the outcome (completed value or failure),
 - ``KEYS[2]``: the lease,
-- ``KEYS[3]``: the cancel note.
+- ``KEYS[3]``: the note (a cancelled run's token, or a failed refresh's error).
 
 Layouts the scripts rely on (see :mod:`prefetch_ingest._redis_records`): an
 outcome is ``b"P"``, its kind (``c``/``f``), the 16-character token of the run
@@ -57,7 +57,7 @@ if rec and ((ARGV[4] == '0' and string.sub(rec, 2, 2) == 'c')
             or accepted(string.sub(rec, 3, 18))) then
   return {1, rec, lease or '', note or ''}
 end
-if lease or (note and accepted(note)) then
+if lease or (note and accepted(string.sub(note, 2, 17))) then
   return {1, rec or '', lease or '', note or ''}
 end
 local now = redis.call('TIME')
@@ -77,7 +77,7 @@ COMPLETE = (
 -- Write a run's outcome only while its lease holds its token (fencing) and no
 -- outcome of a greater fence is stored; then drop the lease and publish.
 -- ARGV: 1 token, 2 outcome, 3 keep ms ('' = no expiry), 4 '1' if a failure,
---       5 channel, 6 message
+--       5 channel, 6 message, 7 failure note, 8 its ms
 -- Returns 1 written, 0 the lease was lost, 2 superseded (lease dropped).
 local lease = redis.call('GET', KEYS[2])
 if not lease or string.sub(lease, 1, 16) ~= ARGV[1] then
@@ -90,8 +90,11 @@ if theirs and theirs > tonumber(string.sub(lease, 17, 32)) then
   redis.call('PUBLISH', ARGV[5], ARGV[6])
   return 2
 end
--- a failure never replaces a completed value (a failed refresh keeps it)
-if not (ARGV[4] == '1' and rec and string.sub(rec, 2, 2) == 'c') then
+-- a failure never replaces a completed value (a failed refresh keeps it): it is
+-- left as a note for the run's followers (ARGV[7] the note, ARGV[8] its ms)
+if ARGV[4] == '1' and rec and string.sub(rec, 2, 2) == 'c' then
+  redis.call('SET', KEYS[3], ARGV[7], 'PX', ARGV[8])
+else
   if ARGV[3] == '' then
     redis.call('SET', KEYS[1], ARGV[2])
   else
@@ -153,7 +156,7 @@ if not lease then
 end
 local token = string.sub(lease, 1, 16)
 redis.call('DEL', KEYS[2])
-redis.call('SET', KEYS[3], token, 'PX', ARGV[1])
+redis.call('SET', KEYS[3], 'x' .. token, 'PX', ARGV[1])
 redis.call('PUBLISH', ARGV[2], ARGV[3])
 return token
 """

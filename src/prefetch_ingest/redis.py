@@ -56,6 +56,7 @@ from ._errors import CodecError
 from ._fence import current_fence
 from ._redis_records import (
     CorruptRecord,
+    dump_failure_note,
     dump_lease_meta,
     dump_outcome,
     dump_progress,
@@ -90,6 +91,9 @@ _EVICTING_POLICIES: Final = frozenset(
 )
 
 _NAMES_KEPT: Final = 4096
+
+_NOTE_MS: Final = 30_000
+"""How long a failure note stays for the followers of a failed refresh (ms)."""
 
 
 def redact(url: str) -> str:
@@ -319,7 +323,9 @@ class RedisBackend:
                 r = parsed
             else:
                 n = parsed
-        return Read(o, r, n)
+        cancelled = n if isinstance(n, str) else None
+        failed = n if isinstance(n, Outcome) else None
+        return Read(o, r, cancelled, failed)
 
     async def acquire(
         self, digest: str, run: Run, lease: float, *, force: bool, accept: frozenset[str]
@@ -367,6 +373,8 @@ class RedisBackend:
                 "0" if outcome.ok else "1",
                 self._channel,
                 f"{digest}:{'c' if outcome.ok else 'f'}",
+                b"" if outcome.ok else dump_failure_note(outcome),
+                _NOTE_MS,
             ],
         )
         return Completion(int(answer))
@@ -390,7 +398,7 @@ class RedisBackend:
         token = await self.scripts["cancel"](
             keys=self.names(digest), args=[_ms(keep), self._channel, f"{digest}:x"]
         )
-        return token.decode("ascii", "replace") if token else None
+        return token.decode("ascii", "replace") if token else None  # the run's token
 
     async def wait_change(self, digest: str, timeout: float) -> None:
         signal = self._signals.get(digest)

@@ -77,6 +77,9 @@ class Read:
     run: Run | None = None
     cancelled: str | None = None
     """The token of a run recently ended by :meth:`Backend.cancel`."""
+    failed: Outcome | None = None
+    """A failure recently reported by :meth:`Backend.complete` that did not replace the
+    stored value (a failed refresh), kept for the instances that followed that run."""
 
 
 EMPTY = Read()
@@ -149,7 +152,8 @@ class Backend(Protocol):
     async def complete(self, digest: str, outcome: Outcome, keep: float | None) -> Completion:
         """Fenced completion: write ``outcome`` (kept ``keep`` seconds) only while the
         lease holds ``outcome.token`` and no greater fence is stored; drop the
-        lease; notify."""
+        lease; notify. A failure never replaces a stored value: it is left as a note
+        (``Read.failed``, kept briefly) for the instances that followed the run."""
 
     async def release(self, digest: str, token: str) -> bool:
         """Compare-and-delete the lease; notify. False: it was not ours."""

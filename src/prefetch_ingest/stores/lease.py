@@ -463,11 +463,23 @@ class LeasedStore:
                     return used
                 force = True  # undecodable: load it again, past the bad value
                 continue
-            if o is None and read.run is None and read.cancelled is None and not accept:
+            if (
+                o is None
+                and read.run is None
+                and read.cancelled is None
+                and read.failed is None
+                and not accept
+            ):
                 # not taken, yet nothing usable came back: bytes the backend could not
                 # read (corrupt, foreign) stand in the way: load again, past them
                 force = True
                 continue
+            if read.failed is not None and read.failed.token in accept:
+                raise RemoteLoadError(  # a failed refresh of a value: its followers' answer
+                    _error_of(read.failed),
+                    error_type=read.failed.error_type,
+                    message=read.failed.error_message,
+                )
             if read.cancelled is not None and read.cancelled in accept:
                 cancelled = LoadCancelled(
                     f"the load of key {key_text(key)} was cancelled (in another instance)"
@@ -866,6 +878,8 @@ def _ends_with(read: Read, accept: set[str], force: bool) -> bool:
     """Does ``read`` hold what a follower of the runs in ``accept`` ends with?"""
     o = read.outcome
     if o is not None and ((o.ok and not force) or o.token in accept):
+        return True
+    if read.failed is not None and read.failed.token in accept:
         return True
     return read.cancelled is not None and read.cancelled in accept
 

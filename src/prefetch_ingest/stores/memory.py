@@ -30,6 +30,10 @@ from .lease import LeasedStore
 __all__ = ["MemoryBackend", "MemoryServer", "MemoryStore", "MemoryStoreDown"]
 
 
+_NOTE_KEEP = 30.0
+"""How long a failure note stays for the followers of the run (seconds)."""
+
+
 class MemoryStoreDown(ConnectionError):
     """The in-memory server is switched off (``MemoryServer.down``)."""
 
@@ -86,14 +90,15 @@ class MemoryServer:
             return Read()
         outcome = self.live(e.outcome)
         run = self.live(e.run)
-        cancelled = self.live(e.cancelled)
-        if outcome is None and run is None and cancelled is None:
+        note = self.live(e.cancelled)
+        if outcome is None and run is None and note is None:
             del self.entries[digest]
             return Read()
         assert outcome is None or isinstance(outcome, Outcome)
         assert run is None or isinstance(run, Run)
-        assert cancelled is None or isinstance(cancelled, str)
-        return Read(outcome, run, cancelled)
+        cancelled = note if isinstance(note, str) else None
+        failed = note if isinstance(note, Outcome) else None
+        return Read(outcome, run, cancelled, failed)
 
     def next_fence(self, prev: Outcome | None) -> int:
         # the clock's floor survives a loss of every entry, as a server's clock would
@@ -170,6 +175,8 @@ class MemoryBackend:
             return Acquired(None, read)
         if read.cancelled is not None and read.cancelled in accept:
             return Acquired(None, read)
+        if read.failed is not None and read.failed.token in accept:
+            return Acquired(None, read)
         if read.run is not None:
             return Acquired(None, read)
         fence = s.next_fence(o)
@@ -205,7 +212,9 @@ class MemoryBackend:
             s.notify(digest, "r")
             return Completion.SUPERSEDED
         if outcome.ok or theirs is None or not theirs.ok:
-            e.outcome = _Slot(outcome, s.until(keep))  # a failure never replaces a value
+            e.outcome = _Slot(outcome, s.until(keep))
+        else:  # a failure never replaces a value: a note for the run's followers
+            e.cancelled = _Slot(outcome, s.until(_NOTE_KEEP))
         s.notify(digest, "c" if outcome.ok else "f")
         return Completion.WRITTEN
 
