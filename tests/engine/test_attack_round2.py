@@ -908,12 +908,15 @@ async def test_redis_watch_in_another_instance_sees_running_then_completed(
                 tg.start_soon(a.get, "k")
                 await load.started.wait()
 
+                first = anyio.Event()
+
                 async def watcher() -> None:
                     async for snap in b.watch("k"):
                         seen.append(snap.status)
+                        first.set()
 
                 tg.start_soon(watcher)
-                await anyio.wait_all_tasks_blocked()
+                await first.wait()  # B's watch has read the run (a Redis round trip)
                 load.gate.set()
     assert seen[0] is Status.RUNNING and seen[-1] is Status.COMPLETED
 
