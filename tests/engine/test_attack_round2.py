@@ -878,7 +878,12 @@ async def test_redis_three_instances_serve_one_execution_ran_joined_joined_then_
                 await load.started.wait()
                 tg.start_soon(serve, "b", b)
                 tg.start_soon(serve, "c", c)
-                await anyio.wait_all_tasks_blocked()
+                # b and c follow a's run (each a few Redis round trips away)
+                while True:
+                    flights = [pf._entries.get("k") for pf in (b, c)]
+                    if all(getattr(f, "remote", None) is not None for f in flights):
+                        break
+                    await anyio.sleep(0.01)
                 load.gate.set()
             assert {n: s.source for n, s in served.items()} == {
                 "a": Source.RAN,

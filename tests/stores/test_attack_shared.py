@@ -4,8 +4,8 @@ Several Prefetcher instances in one event loop share runs through one store:
 the in-memory backend (asyncio and trio; faults by ``server.down`` and
 ``server.lose_everything()``) and, where a real server matters (killed,
 paused, restarted, corrupt bytes), a private redis-server (asyncio only).
-Each test is named after the contract behaviour it asserts; a test that fails
-because of a library bug is marked ``xfail(strict=True)`` with the diagnosis.
+Each test is named after the contract behaviour it asserts. The 15 library bugs this
+file found were first strict xfails with their diagnosis, and are fixed (git log).
 """
 
 from __future__ import annotations
