@@ -310,7 +310,9 @@ class SharedMachine(RuleBasedStateMachine):
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
 def test_two_instances_on_one_shared_store_follow_the_model(backend: str) -> None:
-    machine = type(f"SharedMachine_{backend}", (SharedMachine,), {"backend": backend})
+    machine: type[SharedMachine] = type(
+        f"SharedMachine_{backend}", (SharedMachine,), {"backend": backend}
+    )
     machine.TestCase.settings = settings(
         max_examples=EXAMPLES,
         stateful_step_count=30,
