@@ -173,7 +173,7 @@ class RedisServer:
             client.close()
 
     def check_no_lease_without_expiry(self) -> None:
-        """Every lease (``*:l``) and failure notice (``*:n``) must carry an expiry."""
+        """Every lease (``*:l``) and note (``*:n``) must carry an expiry."""
         self.resume()
         for pattern in ("*}:l", "*}:n"):
             for name in self.command("KEYS", pattern):

@@ -1,6 +1,6 @@
 """The byte layouts the Redis store writes, and their strict parsing.
 
-Outcome (the key's result), one Redis string, read with the lease in one ``MGET``::
+Outcome (the key's result), one Redis string, read with one ``GET`` on a hit::
 
     b"P" | kind (b"c" completed, b"f" failed) | token (16 hex) | fence (16 digits)
          | started, completed, expires (3 big-endian doubles; NaN: none)

@@ -13,7 +13,7 @@ lease algorithm they serve is :mod:`prefetch_ingest.stores.lease`, shared by
 every backend. In short:
 
 - a key's outcome, lease and cancel note are three Redis strings in one hash
-  slot (``{digest}``), read with one ``MGET``: a hit is one round trip;
+  slot (``{digest}``); a hit is one ``GET`` of the outcome: one round trip;
 - the primitives that must be atomic (acquire, renew, fenced completion,
   compare-and-delete release, invalidate, cancel) are Lua scripts;
 - notifications go over one pub/sub channel per namespace; TTLs are Redis
