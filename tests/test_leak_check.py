@@ -2,9 +2,11 @@
 alive (on asyncio and on trio), names it and where it waits, and stays quiet otherwise.
 
 The checker is tried directly; the real hook is tried by running the suite's conftest
-(pytester) on tests that leak. The Redis store's tasks are recognised as ours and are
-gone once their Prefetcher closed, including a shared lookup whose caller was cancelled
-while Redis did not answer (found by this check: the store's close now ends it).
+(pytester) on tests that leak. The Redis store's tasks (its backend's notification reader,
+the lease algorithm's renewal loops) are recognised as ours and are gone once their
+Prefetcher closed, as is any lookup whose caller was cancelled while Redis did not answer
+(v1 ran shared lookups as tasks of their own; v2 shares one read among concurrent lookups
+without a task).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import pytest
 from anyio import wait_all_tasks_blocked
 
 from prefetch_ingest import Prefetcher
-from prefetch_ingest.redis import RedisStore, _once_more
+from prefetch_ingest.engine.wrap import _call
+from prefetch_ingest.redis import RedisStore
 
 from .conftest import check_no_task_of_ours, tasks_of_ours_left
 from .helpers import GatedLoader
@@ -79,13 +82,13 @@ async def test_a_task_of_a_closed_prefetcher_is_a_leak_named_with_where_it_waits
 @pytest.mark.anyio
 async def test_an_unnamed_library_coroutine_and_a_task_named_like_ours_are_found() -> None:
     async with anyio.create_task_group() as tg:
-        tg.start_soon(_once_more, anyio.sleep_forever)  # defined in the package, owner unknown
+        tg.start_soon(_call, anyio.sleep_forever, (), {})  # defined in the package, no owner
         tg.start_soon(anyio.sleep_forever, name="prefetch_ingest load")  # named like ours
         tg.start_soon(anyio.sleep_forever)  # neither: not ours
         await wait_all_tasks_blocked()
         left = tasks_of_ours_left()
         assert len(left) == 2, left
-        assert any("_once_more (prefetch_ingest/redis.py:" in t for t in left)
+        assert any("_call (engine/wrap.py:" in t for t in left)
         assert any(t.startswith("task 'prefetch_ingest load'") for t in left)
         tg.cancel_scope.cancel()
     assert tasks_of_ours_left() == []
@@ -94,11 +97,12 @@ async def test_an_unnamed_library_coroutine_and_a_task_named_like_ours_are_found
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_a_loose_asyncio_task_of_ours_is_found() -> None:
-    """Like the Redis store's shared lookups: created with ``create_task``, in no task group."""
-    task = asyncio.get_running_loop().create_task(_once_more(anyio.sleep_forever))
+    """Like the Redis backend's notification reader: created with ``create_task``, in no
+    task group."""
+    task = asyncio.get_running_loop().create_task(_call(anyio.sleep_forever, (), {}))
     await wait_all_tasks_blocked()
     left = tasks_of_ours_left()
-    assert len(left) == 1 and "_once_more" in left[0], left
+    assert len(left) == 1 and "_call" in left[0], left
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -113,21 +117,22 @@ async def test_the_redis_stores_tasks_are_ours_and_gone_once_its_prefetcher_clos
 ) -> None:
     loader = GatedLoader()
     store = RedisStore(redis_server.url, lease=0.3)
-    async with Prefetcher(loader, store=store) as pf:
-        await store.wait_change("other", 0.01)  # starts the notification reader
+    async with Prefetcher(loader, store=store) as pf:  # (its notification reader runs from open)
         pf.prefetch("k")
         await loader.started.wait()
-        await anyio.sleep(0.15)  # the lease is renewed every 0.1 s
+        await wait_all_tasks_blocked()  # the renewal loop is in its sleep between renewals
         assert tasks_of_ours_left([pf]) == []
         unowned = "\n".join(tasks_of_ours_left())
         assert "'prefetch_ingest redis notifications" in unowned, unowned
-        assert "RedisStore._read_notifications (prefetch_ingest/redis.py:" in unowned
-        assert "RedisStore._renew_loop (prefetch_ingest/redis.py:" in unowned
+        assert "RedisBackend._read_notifications (prefetch_ingest/redis.py:" in unowned
+        assert "LeasedStore._renew_loop (stores/lease.py:" in unowned
         assert "'prefetch_ingest load'" in unowned and "'prefetch_ingest sweeper'" in unowned
         loader.release()
         await pf.wait("k", timeout=10)
     assert tasks_of_ours_left() == []
-    assert store._reader is None and not store._owned and not store._reads
+    held = store._debug_counts()
+    assert held["notification reader"] == 0 and held["owned leases (renewal loops)"] == 0
+    assert not any(held.values()), held
 
 
 _LEAKY = textwrap.dedent(
@@ -217,18 +222,14 @@ async def test_a_lookup_whose_caller_was_cancelled_ends_when_its_prefetcher_clos
     client: Any = None
     try:
         async with Prefetcher(_value, store=store) as pf:
-            client = store._client
+            client = store._redis._client
             assert await pf.get("warm") == "vwarm"
             redis_server.pause()  # the next MGET gets no answer
             with anyio.move_on_after(0.2):
-                await pf.get("k")  # cancelled while its lookup (a shielded task) goes on
+                await pf.get("k")  # cancelled while its lookup waits for Redis
         check_no_task_of_ours([pf])
+        assert not any(store._debug_counts().values()), store._debug_counts()
     finally:
         redis_server.resume()
-        reads = list(store._reads.values())
-        for read in reads:
-            read.cancel()
-        if reads:
-            await asyncio.wait(reads)
         if client is not None:
             await client.connection_pool.disconnect()

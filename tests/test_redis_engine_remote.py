@@ -13,6 +13,7 @@ from prefetch_ingest import Prefetcher, Status
 from prefetch_ingest.redis import RedisStore
 
 from .redis_server import RedisServer, redis_server_fixture
+from .test_redis_store import until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
@@ -89,7 +90,14 @@ async def test_a_run_finished_by_another_instance_counts_as_a_join(
                 results.append(await b.get("k"))
 
             tg.start_soon(from_b)
-            await anyio.wait_all_tasks_blocked()
+
+            async def b_in_flight() -> bool:
+                # b's get has looked the key up (a round trip: no task-blocked check tells
+                # it apart from waiting on a's run) and started its flight, which follows
+                # a's run or, if that ended first, takes its stored value: a join either way
+                return bool(b.in_flight())
+
+            await until(b_in_flight)
             gate.set()
         assert results == ["from a"]
         stats = b.stats()

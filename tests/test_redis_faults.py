@@ -81,7 +81,10 @@ async def test_server_blocked_longer_than_the_lease(redis_server: RedisServer) -
             await until(b_done)
 
             async def a_knows() -> bool:
-                return any(e["event"] == "prefetch.redis_lease_lost" for e in logs)
+                return any(
+                    e["event"] == "prefetch.store_lease_lost" and e["when"] == "renewal"
+                    for e in logs
+                )
 
             await until(a_knows)
             finish.set()
@@ -138,7 +141,7 @@ async def test_restart_without_persistence_fences_the_old_owner(
     old_fence, new_fence = fences["old"], fences["new"]
     assert old_fence is not None and new_fence is not None and new_fence > old_fence
     assert result[0].value == "old"
-    assert any(e["event"] == "prefetch.redis_lease_lost" for e in logs)
+    assert any(e["event"] == "prefetch.store_lease_lost" for e in logs)
 
 
 @pytest.mark.parametrize("delay_ms", [0, 1, 2, 3, 5, 8, 13, 21])
@@ -281,7 +284,7 @@ async def test_owner_process_paused_past_its_lease(redis_server: RedisServer) ->
         reap(processes)
     assert owner.returncode == 0, err
     assert '"results": ["stale", "stale", "stale"]' in out
-    assert "prefetch.redis_lease_lost" in out + err
+    assert "prefetch.store_lease_lost" in out + err
     async with opened(RedisStore(redis_server.url, prefix="mp")) as store:
         entry = await store.lookup("k")
     assert entry is not None and entry.value == "value"

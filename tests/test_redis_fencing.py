@@ -12,9 +12,9 @@ import pytest
 from structlog.testing import capture_logs
 
 from prefetch_ingest import Prefetcher
-from prefetch_ingest._redis_keys import digest_of
-from prefetch_ingest._redis_records import dump_record, parse_lease, parse_record
+from prefetch_ingest._redis_records import dump_outcome, parse_lease, parse_outcome
 from prefetch_ingest.redis import RedisStore, current_fence
+from prefetch_ingest.stores.interface import Outcome
 
 from .redis_server import RedisServer, redis_server_fixture
 from .test_examples import postgres_admin_dsn, postgres_url
@@ -37,18 +37,17 @@ def server_time_us(server: RedisServer) -> int:
 
 
 def completed_record(token: str, fence: int, payload: bytes) -> bytes:
-    """A completed record of key ``"k"`` as a run holding ``fence`` would store it."""
-    return dump_record(
-        "c",
-        token,
-        fence,
-        digest_of("k"),
-        started_at=None,
-        completed_at=0.0,
-        expires_at=None,
-        background=False,
-        error=None,
-        payload=payload,
+    """A completed outcome as a run holding ``fence`` would store it."""
+    return dump_outcome(
+        Outcome(
+            ok=True,
+            token=token,
+            fence=fence,
+            started_at=0.0,
+            completed_at=0.0,
+            background=False,
+            payload=payload,
+        )
     )
 
 
@@ -74,8 +73,7 @@ async def test_each_run_of_a_key_gets_a_greater_fence_from_the_servers_clock(
     assert len(fences) == 5
     assert fences == sorted(set(fences))  # strictly increasing
     assert before <= fences[0] and fences[-1] <= after  # the epoch is Redis's own clock
-    header, _ = parse_record(record, digest_of("k"))
-    assert header.fence == fences[-1]  # the stored result carries its run's fence
+    assert parse_outcome(record).fence == fences[-1]  # the stored result carries its run's fence
     assert current_fence() is None  # outside a load
 
 
@@ -88,7 +86,7 @@ async def test_the_fence_goes_on_from_a_stored_fence_ahead_of_the_clock(
     redis_server.command(
         "SET",
         record_key("prefetch_ingest", "k"),
-        completed_record("a" * 32, ahead, b'"from ahead"'),
+        completed_record("a" * 16, ahead, b'"from ahead"'),
     )
     seen: list[int | None] = []
     async with opened(RedisStore(redis_server.url)) as store:
@@ -128,14 +126,14 @@ async def test_a_completion_never_replaces_a_result_of_a_greater_fence(
                 (fence,) = seen
                 assert fence is not None
                 lease = redis_server.command("GET", lease_key("prefetch_ingest", "k"))
-                assert parse_lease(lease, digest_of("k")).fence == fence
-                later = completed_record("b" * 32, fence + 1, b'"later run"')
+                assert parse_lease(lease).fence == fence
+                later = completed_record("b" * 16, fence + 1, b'"later run"')
                 redis_server.command("SET", record_key("prefetch_ingest", "k"), later)
                 finish.set()
             entry = await store.lookup("k")
     assert result[0].value == "older run" and result[0].ran_here
     assert entry is not None and entry.value == "later run"
-    assert [e["fence"] for e in logs if e["event"] == "prefetch.redis_superseded"] == [fence]
+    assert [e["fence"] for e in logs if e["event"] == "prefetch.store_superseded"] == [fence]
     assert redis_server.command("EXISTS", lease_key("prefetch_ingest", "k")) == 0
 
 
@@ -208,4 +206,4 @@ async def test_fenced_writes_to_postgresql_keep_the_result_of_the_run_after_a_re
     assert statuses == {"new": "INSERT 0 1", "old": "INSERT 0 0"}  # the stale write refused
     assert row is not None and row["stats"] == "new stats"
     assert entry is not None and entry.value == "new stats"
-    assert any(e["event"] == "prefetch.redis_lease_lost" for e in logs)
+    assert any(e["event"] == "prefetch.store_lease_lost" for e in logs)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import pickle
+import struct
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -77,7 +79,7 @@ async def exists(server: RedisServer, name: str) -> bool:
 
 async def listening(store: RedisStore) -> bool:
     """Some load or wait_change of this store is waiting for a notification."""
-    return bool(store._signals)
+    return bool(store._redis._signals)
 
 
 async def not_(condition: Awaitable[bool]) -> bool:
@@ -304,9 +306,10 @@ async def test_a_hit_is_one_command_and_a_cold_load_two_round_trips(
         # round trips from the client: the lookup's MGET, then two scripts
         assert cold.pop("mget") == 1
         assert cold.pop("evalsha") == 2
-        # run by those scripts, inside Redis: acquire GET GET TIME SET PUBLISH,
-        # complete GET (lease) GET (record, for its fence) SET DEL PUBLISH
-        assert cold == {"get": 4, "time": 1, "set": 2, "del": 1, "publish": 2}
+        # run by those scripts, inside Redis: acquire GET (outcome) GET (lease) GET (cancel
+        # note) TIME SET PUBLISH, complete GET (lease) GET (outcome, for its fence) DEL SET
+        # PUBLISH
+        assert cold == {"get": 5, "time": 1, "set": 2, "del": 1, "publish": 2}
 
         before = redis_server.command_calls()
         entry = await store.lookup("cold")
@@ -315,9 +318,13 @@ async def test_a_hit_is_one_command_and_a_cold_load_two_round_trips(
         assert hit == {"mget": 1}
 
 
-async def test_failure_is_reraised_as_is_and_recorded_for_failure_ttl(
+async def test_failure_is_reraised_as_is_and_recorded_like_a_value(
     redis_server: RedisServer,
 ) -> None:
+    """v2: a failure is recorded with the store's ttl (as a value is), by type and message;
+    whether ``get`` re-raises it is the engine's decision (failure_ttl against the record's
+    completed_at), so the store's own load of a key whose last run failed runs it again."""
+
     class Boom(Exception):
         pass
 
@@ -325,7 +332,7 @@ async def test_failure_is_reraised_as_is_and_recorded_for_failure_ttl(
         raise Boom("no luck")
 
     async with (
-        opened(RedisStore(redis_server.url), failure_ttl=30.0) as store,
+        opened(RedisStore(redis_server.url), ttl=60.0, failure_ttl=30.0) as store,
         opened(RedisStore(redis_server.url)) as other,
     ):
         with pytest.raises(Boom, match="no luck"):
@@ -334,21 +341,32 @@ async def test_failure_is_reraised_as_is_and_recorded_for_failure_ttl(
         assert entry is not None
         assert entry.status is Status.FAILED
         assert entry.error == "Boom: no luck"
-        assert 0 < redis_server.command("PTTL", record_key("prefetch_ingest", "k")) <= 30_000
-        with pytest.raises(RemoteLoadError, match="Boom: no luck"):
-            await other.load("k", value_of(1), background=False, force=False)
-        outcome = await other.load("k", value_of(1), background=False, force=True)
+        assert (entry.error_type, entry.error_message) == ("Boom", "no luck")
+        assert entry.completed_at is not None and entry.expires_at is not None
+        assert entry.completed_at < entry.expires_at
+        assert 0 < redis_server.command("PTTL", record_key("prefetch_ingest", "k")) <= 60_000
+        outcome = await other.load("k", value_of(1), background=False, force=False)
         assert outcome.ran_here and outcome.value == 1
+        entry = await store.lookup("k")
+        assert entry is not None and entry.status is Status.COMPLETED and entry.value == 1
 
 
-async def test_failure_with_failure_ttl_zero_is_not_recorded(redis_server: RedisServer) -> None:
+async def test_failure_with_failure_ttl_zero_is_recorded_and_the_next_load_runs(
+    redis_server: RedisServer,
+) -> None:
+    """v2: failure_ttl=0 does not keep a failure out of the store (it is kept like a value,
+    here with no expiry); the next load runs at once all the same."""
+
     async def fail() -> Any:
         raise ValueError("bad")
 
     async with opened(RedisStore(redis_server.url), failure_ttl=0.0) as store:
         with pytest.raises(ValueError, match="bad"):
             await store.load("k", fail, background=False, force=False)
-        assert await store.lookup("k") is None  # the next get retries at once
+        entry = await store.lookup("k")
+        assert entry is not None and entry.status is Status.FAILED
+        assert entry.error == "ValueError: bad" and entry.expires_at is None
+        assert redis_server.command("PTTL", record_key("prefetch_ingest", "k")) == -1
         outcome = await store.load("k", value_of(2), background=False, force=False)
         assert outcome.ran_here and outcome.value == 2
 
@@ -554,7 +572,11 @@ async def test_fencing_a_run_that_lost_its_lease_cannot_overwrite(
         assert outcome.value == "stale"  # the caller here still gets its own value
         entry = await b.lookup("k")
         assert entry is not None and entry.value == "newer"  # the newer result stands
-    assert any(e["event"] == "prefetch.redis_lease_lost" for e in logs)
+    assert any(
+        e["event"] == "prefetch.store_lease_lost"
+        and (e["store"], e["when"]) == ("Redis", "completion")
+        for e in logs
+    )
 
 
 async def test_takeover_when_the_owner_stops_renewing(
@@ -634,40 +656,58 @@ async def test_progress_is_visible_to_other_instances(redis_server: RedisServer)
 # -- hostile data ---------------------------------------------------------------
 
 
+class _Evil:
+    """A pickle that would create a file when loaded."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> Any:
+        return (open, (str(self.path), "w"))
+
+
+_TOKEN, _FENCE = b"0123456789abcdef", b"1" * 16
+_TIMES = struct.pack(">ddd?", 1.0, 2.0, math.nan, False)
+CORRUPT: list[Any] = [
+    pytest.param(lambda _: b"\x00\xffrandom", id="garbage"),
+    pytest.param(lambda sentinel: pickle.dumps(_Evil(sentinel)), id="pickle"),
+    pytest.param(lambda _: b"Pc" + _TOKEN + _FENCE + _TIMES[:-1], id="truncated"),
+    pytest.param(lambda _: b"Px" + _TOKEN + _FENCE + _TIMES + b"{}", id="unknown-kind"),
+    pytest.param(lambda _: b"Pc" + b"\xff" * 16 + _FENCE + _TIMES + b"{}", id="token-not-ascii"),
+    pytest.param(lambda _: b"Pc" + _TOKEN + b"x" * 16 + _TIMES + b"{}", id="not-a-fence"),
+    pytest.param(
+        lambda _: b"Pc" + _TOKEN + _FENCE + struct.pack(">ddd?", math.inf, 2.0, math.nan, False),
+        id="infinite-start",
+    ),
+    pytest.param(lambda _: b"Pf" + _TOKEN + _FENCE + _TIMES + b"no NUL", id="failure-no-nul"),
+    pytest.param(lambda _: b"PI2c" + b"0" * 32 + b"1" * 16 + b'{"k":"x"}\n{}', id="v1-layout"),
+]
+
+
+@pytest.mark.parametrize("make_payload", CORRUPT)
 async def test_corrupt_or_foreign_records_are_reported_and_reloaded(
-    redis_server: RedisServer, tmp_path: Path
+    redis_server: RedisServer, tmp_path: Path, make_payload: Callable[[Path], bytes]
 ) -> None:
-    """Garbage, a pickle that would run a command, a record copied from another key:
-    nothing runs, the entry is reported as corrupt (logged) and loaded again."""
+    """Garbage, a pickle that would run a command, records of this layout broken in each
+    field, the layout of v1: nothing runs, the entry is reported as corrupt (logged, by
+    digest) and loaded again.
+
+    (v1 also refused a record copied from another key: its header carried the key's digest.
+    The v2 outcome layout has no digest, so a copied record is a well-formed record.)"""
     sentinel = tmp_path / "pwned"
-
-    class Evil:
-        def __reduce__(self) -> Any:
-            return (open, (str(sentinel), "w"))
-
-    async with opened(RedisStore(redis_server.url)) as store:
-        await store.load("source", value_of("secret"), background=False, force=False)
-        copied = redis_server.command("GET", record_key("prefetch_ingest", "source"))
-        header_of_k = b'{"k":"' + digest_of(("victim", 4)).encode() + b'"}\n'
-        payloads = [
-            b"\x00\xffrandom",
-            pickle.dumps(Evil()),
-            copied,
-            b"PI2c" + b"0" * 32 + b"1" * 16 + b"{}",  # truncated: no end of header
-            b"PI2c" + b"0" * 32 + b"9" * 16 + header_of_k,  # a fence past what a clock gives
-            b"PI2c" + b"0" * 32 + b"x" * 16 + b"{}\n",  # not a fence
-            b"PI1c" + b"0" * 32 + b"{}\n",  # an earlier layout
-        ]
-        for i, payload in enumerate(payloads):
-            key = ("victim", i)
-            redis_server.command("SET", record_key("prefetch_ingest", key), payload)
-            with capture_logs() as logs:
-                assert await store.lookup(key) is None
+    payload = make_payload(sentinel)
+    key = ("victim", 1)
+    async with opened(RedisStore(redis_server.url, poll_interval=0.05)) as store:
+        redis_server.command("SET", record_key("prefetch_ingest", key), payload)
+        with capture_logs() as logs:
+            assert await store.lookup(key) is None
+            with anyio.fail_after(5):  # a load that never ends fails here
                 outcome = await store.load(key, value_of("fresh"), background=False, force=False)
-            assert outcome.ran_here and outcome.value == "fresh"
-            assert any(e["event"] == "prefetch.redis_corrupt_entry" for e in logs)
-            entry = await store.lookup(key)
-            assert entry is not None and entry.value == "fresh"
+        assert outcome.ran_here and outcome.value == "fresh"
+        corrupt = [e for e in logs if e["event"] == "prefetch.redis_corrupt_entry"]
+        assert corrupt and corrupt[0]["digest"] == digest_of(key), logs
+        entry = await store.lookup(key)
+        assert entry is not None and entry.value == "fresh"
     assert not sentinel.exists()
 
 
@@ -683,7 +723,8 @@ async def test_undecodable_value_is_corrupt(redis_server: RedisServer) -> None:
         await store.load("k", value_of(1), background=False, force=False)
         with capture_logs() as logs:
             assert await store.lookup("k") is None
-        assert logs[0]["event"] == "prefetch.redis_corrupt_entry"
+        assert logs[0]["event"] == "prefetch.store_corrupt_entry"
+        assert logs[0]["store"] == "Redis" and "unreadable" in logs[0]["error"]
 
 
 # -- Redis unreachable ----------------------------------------------------------
@@ -695,7 +736,8 @@ async def test_unreachable_redis_is_a_store_error(redis_server: RedisServer) -> 
     with capture_logs() as logs, pytest.raises(StoreError, match="unreachable") as info:
         await store.open(ttl=None, failure_ttl=0.0)
     assert info.value.__cause__ is not None
-    assert logs[-1]["event"] == "prefetch.redis_unavailable"
+    assert logs[-1]["event"] == "prefetch.store_unavailable"
+    assert (logs[-1]["store"], logs[-1]["operation"]) == ("Redis", "open")
 
 
 async def test_fallback_local_runs_in_process(redis_server: RedisServer) -> None:
@@ -706,20 +748,39 @@ async def test_fallback_local_runs_in_process(redis_server: RedisServer) -> None
             outcome = await store.load("k", value_of(5), background=False, force=False)
             assert outcome.ran_here and outcome.value == 5
             assert not await store.invalidate("k")
-    assert {e["event"] for e in logs} == {"prefetch.redis_fallback_local"}
+    assert {e["event"] for e in logs} == {"prefetch.store_unavailable"}
+    assert {(e["store"], e["fallback"], e["log_level"]) for e in logs} == {
+        ("Redis", "local", "warning")
+    }
+    assert {"open", "read", "acquire", "invalidate"} <= {e["operation"] for e in logs}
 
 
-async def test_redis_gone_mid_load_without_fallback_is_a_store_error(
+async def test_redis_gone_mid_load_hands_the_value_over_unstored(
     redis_server: RedisServer,
 ) -> None:
+    """v2: a completion that cannot reach Redis is no StoreError: the value goes to the
+    local waiters at once (``deliver``), the write is retried while the lease may live,
+    then the load returns it with ``stored=False``. Later operations are StoreErrors."""
+    delivered: list[Any] = []
+
     async def run() -> Any:
         redis_server.kill()
         return "computed"
 
     async with opened(RedisStore(redis_server.url, lease=0.5)) as store:
-        with capture_logs(), pytest.raises(StoreError, match="store the result"):
-            await store.load("k", run, background=False, force=False)
-        with capture_logs(), pytest.raises(StoreError):
+        with capture_logs() as logs:
+            outcome = await store.load(
+                "k", run, background=False, force=False, deliver=delivered.append
+            )
+        assert (outcome.value, outcome.ran_here, outcome.stored) == ("computed", True, False)
+        assert delivered == ["computed"]
+        events = [e["event"] for e in logs]
+        assert "prefetch.store_result_not_stored" in events
+        assert any(
+            e["event"] == "prefetch.store_unavailable" and e["operation"] == "complete"
+            for e in logs
+        )
+        with capture_logs(), pytest.raises(StoreError, match="unreachable"):
             await store.lookup("k")
 
 
@@ -755,15 +816,41 @@ async def test_an_application_client_is_not_closed(redis_server: RedisServer) ->
 
 
 async def test_logs_escape_keys_and_hide_passwords(redis_server: RedisServer) -> None:
-    """A key with a newline is logged as one escaped repr; a URL's password never shows."""
+    """A key with a newline is logged as one escaped repr; a URL's password never shows.
+
+    v2: the Redis backend addresses entries by digest only, so its own corrupt-entry event
+    names the digest and never the key; the lease algorithm's events carry the key."""
     key = "x\n[CRITICAL] forged"
-    async with opened(RedisStore(redis_server.url)) as store:
+
+    class Unreadable:
+        def encode(self, value: Any) -> bytes:
+            return b"1"
+
+        def decode(self, data: bytes) -> Any:
+            raise ValueError("unreadable")
+
+    async with (
+        opened(RedisStore(redis_server.url)) as store,
+        opened(RedisStore(redis_server.url, codec=Unreadable())) as strict,
+    ):
         redis_server.command("SET", record_key("prefetch_ingest", key), b"garbage")
         with capture_logs() as logs:
             assert await store.lookup(key) is None
-    (event,) = logs
-    assert "\n" not in event["key"] and event["key"] == repr(key)
-    redis_server.kill()
+        (event,) = logs
+        assert event["event"] == "prefetch.redis_corrupt_entry"
+        assert event["digest"] == digest_of(key) and "forged" not in repr(event)
+        await store.load(key, value_of(1), background=False, force=True)
+        with capture_logs() as logs:
+            assert await strict.lookup(key) is None
+        (event,) = logs
+        assert event["event"] == "prefetch.store_corrupt_entry"
+        assert "\n" not in event["key"] and event["key"] == repr(key)
+        redis_server.kill()
+        with capture_logs() as logs, pytest.raises(StoreError):
+            await store.lookup(key)
+        (event,) = logs
+        assert event["event"] == "prefetch.store_unavailable"
+        assert "\n" not in event["key"] and event["key"] == repr(key)
     url = redis_server.url.replace("redis://", "redis://user:hunter2@")
     store = RedisStore(url)
     with capture_logs() as logs, pytest.raises(StoreError) as info:
