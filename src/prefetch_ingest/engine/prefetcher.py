@@ -1397,11 +1397,17 @@ class Prefetcher(Generic[K, V]):
         entry = core.current(key, self._clock())
         cls = entry.__class__
         if cls is Flight:
-            if entry.remote is not None and self._remote is not None and entry.done is None:
-                # following a run of another instance: the store's word on it, fresh
+            if (
+                self._remote is not None
+                and entry.done is None
+                and (entry.remote is not None or (entry.token is None and entry.status is _RUNNING))
+            ):
+                # following a run of another instance, or not yet known to be the run
+                # or a follower: the store's word on the run, fresh
                 stored = await self._remote.lookup(key)
                 if stored is not None and stored.status is Status.RUNNING:
-                    entry.remote = stored
+                    if entry.remote is not None:
+                        entry.remote = stored
                     return self._snap.of_stored(key, stored)
             return self._snap.of_flight(entry)
         if self._remote is not None:

@@ -146,6 +146,7 @@ class SharedStoreContract:
                 return snap.progress is not None and snap.progress.done == 3
 
             await _until(b_shows_progress)
+            await _until(lambda: _following(b, "k"))  # B's click follows A's run now
             sa, sb = await a.status("k"), await b.status("k")
             assert sb.status is Status.RUNNING
             assert sb.background is True  # the run's origin, not the click's
