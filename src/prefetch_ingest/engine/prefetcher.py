@@ -266,6 +266,8 @@ class Prefetcher(Generic[K, V]):
         self._idle: anyio.Event | None = None
         self._wake_sweeper: anyio.Event | None = None
         self._good_fns: set[object] = set()
+        # called with (seconds, succeeded) when a load run here ends (metrics: otel)
+        self._load_observers: list[Callable[[float, bool], None]] = []
         self._admission_logged = -math.inf
         self._log_debug = False
         self._log_info = True
@@ -1085,6 +1087,8 @@ class Prefetcher(Generic[K, V]):
         ran_here = not isinstance(exc, RemoteLoadError)
         changed = self._core.fail(flight, exc, exc.__traceback__, self._clock(), ran_here=ran_here)
         self._wake(flight)
+        if ran_here and self._load_observers:
+            self._observe_load(flight, False)
         if self._log_warning:
             started = flight.started if flight.started is not None else flight.done
             _log.logger.warning(
@@ -1106,6 +1110,8 @@ class Prefetcher(Generic[K, V]):
             return  # ended already (cancel, close): its value goes nowhere, as in _raised
         now = self._clock()
         changed = self._core.complete(flight, value, now, ran_here=ran_here)
+        if ran_here and self._load_observers:
+            self._observe_load(flight, True)
         if keep and changed and self._fallback_local:
             # the shared store could not take the value: with fallback="local" it is
             # kept and served here, as with no shared store, until the store answers
@@ -1127,6 +1133,18 @@ class Prefetcher(Generic[K, V]):
             )
         if changed and self._watchers:
             self._notify_key(flight.key, flight)
+
+    def _observe_load(self, flight: Flight, ok: bool) -> None:
+        started, done = flight.started, flight.done
+        if started is None or done is None:
+            return
+        for observe in list(self._load_observers):
+            try:
+                observe(max(done - started, 0.0), ok)
+            except Exception as exc:  # a metrics hook must never break a load
+                _log.logger.warning(
+                    "prefetch.observer_failed", name=self._name, error=error_text(exc)
+                )
 
     def _following(self, flight: Flight, entry: StoredEntry) -> None:
         """A shared store read the run this flight follows in another instance."""
