@@ -1109,6 +1109,7 @@ class Prefetcher(Generic[K, V]):
         if flight.done is not None:
             return  # ended already (cancel, close): its value goes nowhere, as in _raised
         now = self._clock()
+        started = flight.started if flight.started is not None else now
         changed = self._core.complete(flight, value, now, ran_here=ran_here)
         if ran_here and self._load_observers:
             self._observe_load(flight, True)
@@ -1119,11 +1120,9 @@ class Prefetcher(Generic[K, V]):
             kept = self._kept
             if len(kept) >= _KEPT_LIMIT:
                 kept.pop(next(iter(kept)))
-            started = flight.started if flight.started is not None else now
             kept[flight.key] = Done(flight.key, value, now, now - started, flight.background)
         self._wake(flight)
         if self._log_info:
-            started = flight.started if flight.started is not None else now
             _log.logger.info(
                 "prefetch.completed",
                 name=self._name,

@@ -45,6 +45,7 @@ from prefetch_ingest._errors import (
 from prefetch_ingest._fence import fence_var
 from prefetch_ingest._store import LoadOutcome, StoredEntry
 from prefetch_ingest._types import Progress, Status
+from prefetch_ingest._validate import check_duration as _check_duration
 from prefetch_ingest._validate import error_text, key_text
 
 from .codec import Codec, JSONCodec
@@ -67,14 +68,8 @@ _TTL0_KEEP: Final = 1.0
 
 
 def check_duration(name: str, value: object, *, allow_zero: bool) -> float:
-    """A duration argument as a float, or a clear error naming it."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
-    v = float(value)
-    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
-        bound = "zero or more" if allow_zero else "more than zero"
-        raise ValueError(f"{name} must be a finite number of seconds, {bound}; got {value!r}")
-    return v
+    """A finite duration argument (None not allowed), or a clear error naming it."""
+    return _check_duration(name, value, allow_none=False, allow_zero=allow_zero)
 
 
 def poll_for(lease: float, poll_interval: object) -> float:
@@ -443,9 +438,7 @@ class LeasedStore:
                     self._down("follow", exc, key)
                     await backoff.sleep()
                     continue
-                if self._fallback is None:
-                    raise self._unavailable("acquire", exc, key) from exc
-                self._down("acquire", exc, key)
+                self._fail_or_fall_back("acquire", exc, key)
                 value = await run()
                 return LoadOutcome(value, True, stored=False)
             if not self.reachable:
@@ -758,25 +751,19 @@ class LeasedStore:
         digest = self._digest(key)
         self._fresh.pop(digest, None)
         try:
-            forgot = await self._backend.invalidate(digest)
+            return await self._backend.invalidate(digest)
         except self._errors as exc:
-            if self._fallback is None:
-                raise self._unavailable("invalidate", exc, key) from exc
-            self._down("invalidate", exc, key)
+            self._fail_or_fall_back("invalidate", exc, key)
             return False
-        return forgot
 
     async def cancel(self, key: Hashable) -> bool:
         """Cancel the key's run in whichever instance runs it; True if there was one."""
         digest = self._digest(key)
         try:
-            token = await self._backend.cancel(digest, max(self._lease, 5.0))
+            return await self._backend.cancel(digest, max(self._lease, 5.0)) is not None
         except self._errors as exc:
-            if self._fallback is None:
-                raise self._unavailable("cancel", exc, key) from exc
-            self._down("cancel", exc, key)
+            self._fail_or_fall_back("cancel", exc, key)
             return False
-        return token is not None
 
     async def publish_progress(self, key: Hashable, progress: Progress) -> None:
         """Record a running load's progress, at most once per ``progress_interval``.
@@ -808,6 +795,13 @@ class LeasedStore:
         await self._backend.wait_change(self._digest(key), timeout)
 
     # -- errors and logs ---------------------------------------------------------------
+
+    def _fail_or_fall_back(self, op: str, exc: BaseException, key: object = None) -> None:
+        """The store failed ``op``: raise :class:`StoreError` (cause chained), or with
+        ``fallback="local"`` log it (rate-limited) and let the caller go on locally."""
+        if self._fallback is None:
+            raise self._unavailable(op, exc, key) from exc
+        self._down(op, exc, key)
 
     def _unavailable(self, op: str, exc: BaseException, key: object = None) -> StoreError:
         self._down(op, exc, key)
