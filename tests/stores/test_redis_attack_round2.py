@@ -16,42 +16,20 @@ import pytest
 from structlog.testing import capture_logs
 
 from prefetch_ingest import CodecError, LoadCancelled, Prefetcher, Status
-from prefetch_ingest.redis import RedisStore
 from tests.redis_server import RedisServer, redis_server_fixture
 
 pytestmark = pytest.mark.anyio
 
 redis_server = redis_server_fixture()
 
-HUGE_INT = 10**5000  # str() of it raises ValueError (Python's 4300-digit limit)
-
-
-def asyncio_only(backend: str) -> None:
-    if backend != "asyncio":
-        pytest.skip("asyncio only (RedisStore, or asyncio-specific behaviour)")
-
-
-async def _value(key: Any) -> Any:
-    return ("v", key)
-
-
-def _store(server: RedisServer, **kw: Any) -> RedisStore:
-    kw.setdefault("poll_interval", 0.05)
-    return RedisStore(server.url, **kw)
-
-
-class _Counter:
-    def __init__(self, value: Any = "value") -> None:
-        self.calls = 0
-        self.value = value
-        self.gate = anyio.Event()
-        self.started = anyio.Event()
-
-    async def __call__(self, key: Any) -> Any:
-        self.calls += 1
-        self.started.set()
-        await self.gate.wait()
-        return self.value
+# the helpers of the attack file these tests came from, not copies of them
+from tests.engine.test_attack_round2 import (  # noqa: E402
+    HUGE_INT,
+    _Counter,
+    _store,
+    _value,
+    asyncio_only,
+)
 
 
 @pytest.mark.redis
