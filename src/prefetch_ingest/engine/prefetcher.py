@@ -1322,11 +1322,12 @@ class Prefetcher(Generic[K, V]):
             if self._watchers:
                 self._notify_key(key)
             return True
+        # the store first: if it fails (StoreError), nothing here has changed either
+        forgotten_there = remote is not None and await remote.invalidate(key)
         forgotten, dropped = self._core.invalidate(key, self._clock())
         if dropped is not None:
             self._stop(dropped)
-        if remote is not None:
-            forgotten = await remote.invalidate(key) or forgotten
+        forgotten = forgotten_there or forgotten
         if forgotten and self._watchers:
             self._notify_key(key)
         return forgotten

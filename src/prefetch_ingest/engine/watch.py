@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections import deque
 from collections.abc import Hashable
@@ -10,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Generic, Self, TypeVar
 import anyio
 import anyio.abc
 
+from prefetch_ingest._errors import WrongThreadError
 from prefetch_ingest._types import Snapshot
 
 if TYPE_CHECKING:
@@ -93,7 +95,13 @@ class Watch(Generic[K]):
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Stop watching; the iterator ends."""
+        """Stop watching; the iterator ends. From the event loop's thread only."""
+        thread = self._engine._thread
+        if thread and threading.get_ident() != thread:
+            raise WrongThreadError(
+                "a watch must be closed from its Prefetcher's event loop thread; from a "
+                "worker thread use anyio.from_thread.run(watch.aclose)"
+            )
         self._end()
 
     def _end(self) -> None:
