@@ -89,12 +89,19 @@ def new_token() -> str:
 class _Owned:
     """A run of a key in this instance that holds (or held) the key's lease."""
 
-    __slots__ = ("last_progress", "lost", "renewed", "run")
+    __slots__ = ("alarmed", "completing", "last_progress", "lost", "renewed", "run")
 
     def __init__(self, run: Run, now: float) -> None:
         self.run = run
         self.renewed = now  # monotonic time of the last confirmed take or renewal
         self.lost = False
+        # the completion is on its way: its own notification is no reason to read (the
+        # fenced completion itself says whether the lease was still ours)
+        self.completing = False
+        # a notification that may have taken the lease away (an invalidation or a
+        # cancel of the key, or the server's data lost) came since the loop last looked;
+        # other notifications (this run's own start, progress, completion) need no read
+        self.alarmed = False
         self.last_progress = -math.inf
 
 
@@ -608,6 +615,7 @@ class LeasedStore:
         backoff = _Backoff()
         delivered = False
         attempted = False
+        own.completing = True
         while True:
             try:
                 # bounded: a server that does not answer must not hold the value back
@@ -684,6 +692,9 @@ class LeasedStore:
                 with contextlib.suppress(*self._errors):
                     cancelled = (await backend.read(digest)).cancelled == token
             else:
+                if own.completing or not own.alarmed:
+                    continue  # nothing that could take the lease: no read (see _Owned)
+                own.alarmed = False
                 # a notification about the key: is the lease still ours?
                 try:
                     read = await backend.read(digest)
@@ -731,7 +742,16 @@ class LeasedStore:
 
     def _notice(self, digest: str | None, event: str) -> None:
         """A notification: an invalidation (of a key, or of everything) ends what this
-        instance knew fresh; nothing else removes a stored value."""
+        instance knew fresh; nothing else removes a stored value. An invalidation or a
+        cancel alarms the key's renewal loop (the lease may be gone)."""
+        if event == "x" or event == "i":
+            if digest is None:
+                for own in self._owned.values():
+                    own.alarmed = True
+            else:
+                own = self._owned.get(digest)
+                if own is not None:
+                    own.alarmed = True
         if event != "i":
             return
         if digest is None:
