@@ -746,12 +746,12 @@ class LeasedStore:
         cancel alarms the key's renewal loop (the lease may be gone)."""
         if event == "x" or event == "i":
             if digest is None:
-                for own in self._owned.values():
-                    own.alarmed = True
+                for owned in self._owned.values():
+                    owned.alarmed = True
             else:
-                own = self._owned.get(digest)
-                if own is not None:
-                    own.alarmed = True
+                one = self._owned.get(digest)
+                if one is not None:
+                    one.alarmed = True
         if event != "i":
             return
         if digest is None:
