@@ -1,0 +1,728 @@
+"""The PostgreSQL store: one execution per key across processes, with no other server to run.
+
+Install with the ``postgres`` extra (``pip install 'prefetch-ingest[postgres]'``) and
+pass it to the Prefetcher::
+
+    async with Prefetcher(load, store=PostgresStore("postgresql://app@db/app")) as pf:
+        stats = await pf.get(("project-1", "run-7"))
+
+How it works and what is and is not guaranteed: ``docs/postgres.md``. This module
+holds only the primitives of the shared-store interface
+(:mod:`prefetch_ingest.stores.interface`) on PostgreSQL; the lease algorithm they
+serve is :mod:`prefetch_ingest.stores.lease`, shared by every backend. In short:
+
+- one row per key (by its digest) holds the outcome, the lease and the note, each
+  part with its own expiry by the database's clock (``now()``); a part past its
+  expiry is never read as live, and a sweep deletes rows with nothing live left
+  through an index on the row's last expiry;
+- every primitive is one autocommitted statement (``INSERT ... ON CONFLICT`` or
+  ``UPDATE ... RETURNING`` with ``pg_notify`` in a CTE): atomic, one round trip;
+- fences come from a sequence of the table (``nextval`` only grows, whatever
+  happens to the rows), started at the database clock in microseconds;
+- notifications: ``NOTIFY`` on a channel named after the table, payload
+  ``digest:event``; one dedicated connection per store ``LISTEN``\\ s (not one of
+  the pool's) and reconnects; waiters also poll.
+
+The store runs on asyncio only (psycopg's async connections).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, Literal, TypeVar
+
+import anyio
+
+try:
+    import psycopg
+    import psycopg_pool
+    from psycopg.conninfo import conninfo_to_dict
+except ImportError as _exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "prefetch_ingest.postgres needs psycopg 3 and psycopg_pool: "
+        "pip install 'prefetch-ingest[postgres]'"
+    ) from _exc
+
+from . import _log
+from ._errors import CodecError
+from ._fence import current_fence
+from ._types import Progress
+from ._validate import error_text
+from .stores.codec import Codec, JSONCodec
+from .stores.interface import Acquired, Completion, Outcome, Read, Run
+from .stores.lease import LeasedStore, poll_for
+
+__all__ = ["Codec", "CodecError", "JSONCodec", "PostgresStore", "current_fence", "redact"]
+
+_PG_ERRORS: Final = (psycopg.OperationalError, psycopg.InterfaceError, OSError)
+""""PostgreSQL unreachable or failing": connection errors, a server shutting down
+(``AdminShutdown`` is an ``OperationalError``), a pool that gives no connection in
+time (``PoolTimeout``) or is closed (``PoolClosed``), both ``OperationalError``\\ s."""
+
+_NOTE_S: Final = 30.0
+"""How long a failure note stays for the followers of a failed refresh (seconds)."""
+
+_SWEEP_EVERY: Final = 60.0
+_TABLE_RE: Final = re.compile(r"[a-z_][a-z0-9_]{0,39}")
+_SECRET = re.compile(r"(password|passfile|sslpassword)(\s*=\s*)('(?:[^'\\]|\\.)*'|\S*)", re.I)
+
+T = TypeVar("T")
+
+
+def redact(dsn: str) -> str:
+    """The DSN as ``postgresql://user@host:port/dbname``: never a password, whatever the form
+    (URL user part, ``?password=``, a key=value ``password=...``)."""
+    try:
+        d = conninfo_to_dict(dsn)
+    except (psycopg.ProgrammingError, ValueError):
+        return "<unparsable dsn: " + _SECRET.sub(r"\1\2***", dsn.split("@")[-1])[:200] + ">"
+    user = d.get("user")
+    host = d.get("host") or "localhost"
+    port = d.get("port") or "5432"
+    db = d.get("dbname") or ""
+    return f"postgresql://{'' if user is None else str(user) + '@'}{host}:{port}/{db}"
+
+
+def _require_asyncio() -> None:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        raise RuntimeError(
+            "PostgresStore runs on asyncio only (psycopg's async connections); this code runs "
+            "under another event loop (trio?). Use the in-memory store (store=None) there."
+        ) from None
+
+
+def schema_sql(table: str) -> str:
+    """The DDL of the store's table, sequence and index (idempotent)."""
+    t = _check_table(table)
+    return f"""
+CREATE TABLE IF NOT EXISTS {t} (
+    digest text PRIMARY KEY,
+    o_ok boolean, o_token text, o_fence bigint, o_started float8, o_completed float8,
+    o_background boolean, o_payload bytea, o_error_type text, o_error_message text,
+    o_expires float8, o_until timestamptz,
+    l_token text, l_fence bigint, l_started float8, l_background boolean, l_progress text,
+    l_until timestamptz,
+    n_token text, n_failed boolean, n_error_type text, n_error_message text,
+    n_until timestamptz,
+    gone_at timestamptz GENERATED ALWAYS AS
+        (GREATEST(o_until, l_until, n_until, '-infinity'::timestamptz)) STORED
+);
+CREATE INDEX IF NOT EXISTS {t}_gone_at ON {t} (gone_at);
+DO $$ BEGIN
+    IF to_regclass('{t}_fence') IS NULL THEN
+        EXECUTE format('CREATE SEQUENCE {t}_fence START %s',
+                       floor(extract(epoch FROM clock_timestamp()) * 1000000)::bigint);
+    END IF;
+END $$;
+""".strip()
+
+
+def _check_table(table: object) -> str:
+    if not isinstance(table, str) or _TABLE_RE.fullmatch(table) is None:
+        raise ValueError(
+            "table must be a lower-case SQL identifier of at most 40 characters "
+            f"([a-z_][a-z0-9_]*), got {table!r}"
+        )
+    return table
+
+
+_LEASE_COLS: Final = ("l_token", "l_fence", "l_started", "l_background", "l_progress", "l_until")
+_OUT_COLS: Final = (
+    "o_ok",
+    "o_token",
+    "o_fence",
+    "o_started",
+    "o_completed",
+    "o_background",
+    "o_payload",
+    "o_error_type",
+    "o_error_message",
+    "o_expires",
+    "o_until",
+)
+_NOTE_COLS: Final = ("n_token", "n_failed", "n_error_type", "n_error_message", "n_until")
+_NO_LEASE: Final = ", ".join(f"{c} = NULL" for c in _LEASE_COLS)
+
+
+def _sql(table: str) -> dict[str, str]:
+    """Every statement of the backend, for one table (one round trip each)."""
+    t = table
+    o_sel = ", ".join(_OUT_COLS[:-1])
+    live = "o_until > now(), l_until > now(), n_until > now()"
+    row = f"{o_sel}, {', '.join(_LEASE_COLS[:-1])}, {', '.join(_NOTE_COLS[:-1])}, {live}"
+    # the lease may be taken: no live lease, no outcome or note to use
+    take = (
+        "NOT (coalesce(e.l_until > now(), false)"
+        " OR coalesce(e.o_until > now() AND ((e.o_ok AND NOT %(force)s)"
+        " OR e.o_token = ANY(%(accept)s)), false)"
+        " OR coalesce(e.n_until > now() AND e.n_token = ANY(%(accept)s), false))"
+    )
+    take_set = ", ".join(
+        f"{c} = CASE WHEN {take} THEN excluded.{c} ELSE e.{c} END" for c in _LEASE_COLS
+    )
+    # the fence: from the sequence, and above the fence of the outcome it may replace
+    take_set = take_set.replace(
+        "THEN excluded.l_fence", "THEN GREATEST(excluded.l_fence, coalesce(e.o_fence + 1, 0))"
+    )
+    sup = "coalesce(e.o_until > now() AND e.o_fence > e.l_fence, false)"
+    note = "coalesce(NOT %(ok)s AND e.o_until > now() AND e.o_ok, false)"
+    new_out = (
+        "%(ok)s", "%(token)s", "e.l_fence", "%(started)s", "%(completed)s", "%(background)s",
+        "%(payload)s", "%(etype)s", "%(emsg)s", "%(expires)s",
+        "CASE WHEN %(keep)s::float8 IS NULL THEN 'infinity'::timestamptz"
+        " ELSE now() + %(keep)s * interval '1 second' END",
+    )  # fmt: skip
+    out_set = ", ".join(
+        f"{c} = CASE WHEN {sup} OR {note} THEN e.{c} ELSE {v} END"
+        for c, v in zip(_OUT_COLS, new_out, strict=True)
+    )
+    new_note = ("%(token)s", "true", "%(etype)s", "%(emsg)s", f"now() + interval '{_NOTE_S} s'")
+    note_set = ", ".join(
+        f"{c} = CASE WHEN NOT {sup} AND {note} THEN {v} ELSE e.{c} END"
+        for c, v in zip(_NOTE_COLS, new_note, strict=True)
+    )
+    notify = "SELECT pg_notify(%(channel)s, %(digest)s || ':' || ev) FROM up"
+    return {
+        "hit": f"SELECT {o_sel} FROM {t} WHERE digest = %s AND o_until > now()",
+        "read": f"SELECT {row} FROM {t} WHERE digest = %s",
+        "acquire": f"""
+WITH up AS (
+    INSERT INTO {t} AS e (digest, {", ".join(_LEASE_COLS)})
+    VALUES (%(digest)s, %(token)s, nextval('{t}_fence'), %(started)s, %(background)s, NULL,
+            now() + %(lease)s * interval '1 second')
+    ON CONFLICT (digest) DO UPDATE SET {take_set}
+    RETURNING e.l_token = %(token)s AS took, 's' AS ev, {", ".join("e." + c for c in row.split(", ")[:-3])},
+              e.o_until > now(), e.l_until > now(), e.n_until > now()
+), n AS ({notify} WHERE took)
+SELECT up.*, (SELECT count(*) FROM n) FROM up""",
+        "renew": f"""
+WITH up AS (
+    UPDATE {t} SET l_until = now() + %(lease)s * interval '1 second',
+        l_progress = CASE WHEN %(has)s THEN %(progress)s ELSE l_progress END
+    WHERE digest = %(digest)s AND l_token = %(token)s AND l_until > now()
+    RETURNING 'p' AS ev
+), n AS ({notify} WHERE %(has)s)
+SELECT (SELECT count(*) FROM up), (SELECT count(*) FROM n)""",
+        "complete": f"""
+WITH up AS (
+    UPDATE {t} AS e SET {out_set}, {note_set}, {_NO_LEASE}
+    WHERE digest = %(digest)s AND l_token = %(token)s AND l_until > now()
+    RETURNING CASE WHEN o_token = %(token)s OR n_token = %(token)s
+        THEN CASE WHEN %(ok)s THEN 'c' ELSE 'f' END ELSE 'r' END AS ev
+), n AS ({notify})
+SELECT (SELECT ev FROM up), (SELECT count(*) FROM n)""",
+        "release": f"""
+WITH up AS (
+    UPDATE {t} SET {_NO_LEASE}
+    WHERE digest = %(digest)s AND l_token = %(token)s AND l_until > now()
+    RETURNING 'r' AS ev
+), n AS ({notify})
+SELECT (SELECT count(*) FROM up), (SELECT count(*) FROM n)""",
+        "invalidate": f"""
+WITH up AS (
+    DELETE FROM {t} WHERE digest = %(digest)s
+    RETURNING coalesce(o_until > now(), false) AS had, 'i' AS ev,
+        coalesce(o_until > now() OR l_until > now() OR n_until > now(), false) AS live
+), n AS ({notify} WHERE live)
+SELECT (SELECT had FROM up), (SELECT count(*) FROM n)""",
+        "cancel": f"""
+WITH up AS (
+    UPDATE {t} SET n_token = l_token, n_failed = false, n_error_type = NULL,
+        n_error_message = NULL, n_until = now() + %(keep)s * interval '1 second', {_NO_LEASE}
+    WHERE digest = %(digest)s AND l_until > now()
+    RETURNING n_token, 'x' AS ev
+), n AS ({notify})
+SELECT (SELECT n_token FROM up), (SELECT count(*) FROM n)""",
+        "sweep": f"DELETE FROM {t} WHERE gone_at < now()",
+    }
+
+
+def _progress_json(p: Progress) -> str:
+    return json.dumps([p.done, p.total, p.message, p.eta], allow_nan=False)
+
+
+def _number(value: object) -> float | None:
+    return float(value) if type(value) in (int, float) else None  # type: ignore[arg-type]
+
+
+def _parse_progress(text: str | None) -> Progress | None:
+    if not text:
+        return None
+    try:
+        p = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    if type(p) is not list or len(p) != 4 or _number(p[0]) is None:
+        return None
+    message = p[2] if type(p[2]) is str else None
+    return Progress(
+        done=_number(p[0]) or 0.0, total=_number(p[1]), message=message, eta=_number(p[3])
+    )
+
+
+def _outcome(r: tuple[Any, ...]) -> Outcome | None:
+    """Columns o_ok … o_expires (10) as an Outcome; None for a row that is not one of ours."""
+    ok, token, fence, started, completed, background, payload, etype, emsg, expires = r
+    if not isinstance(token, str) or not isinstance(fence, int) or started is None:
+        return None
+    return Outcome(
+        bool(ok),
+        token,
+        fence,
+        float(started),
+        float(completed or 0.0),
+        bool(background),
+        bytes(payload) if ok and payload is not None else b"",
+        None if ok else (etype or "Exception"),
+        None if ok else (emsg or ""),
+        None if expires is None or math.isnan(expires) else float(expires),
+    )
+
+
+def _parse_read(r: tuple[Any, ...]) -> Read:
+    """A ``read`` row: 10 outcome columns, 5 lease, 4 note, 3 liveness flags."""
+    o_live, l_live, n_live = r[19:22]
+    outcome = _outcome(r[:10]) if o_live else None
+    run = None
+    token, fence, started, background, progress = r[10:15]
+    if l_live and isinstance(token, str) and isinstance(fence, int) and started is not None:
+        run = Run(token, fence, float(started), bool(background), _parse_progress(progress))
+    cancelled = failed = None
+    n_token, n_failed, n_etype, n_emsg = r[15:19]
+    if n_live and isinstance(n_token, str):
+        if n_failed:
+            failed = Outcome(
+                False, n_token, 0, 0.0, 0.0, False, b"", n_etype or "Exception", n_emsg or ""
+            )
+        else:
+            cancelled = n_token
+    return Read(outcome, run, cancelled, failed)
+
+
+class _Signal:
+    """Wake-ups for one key in this process: ``event`` is set, then replaced, per notification."""
+
+    __slots__ = ("event", "users")
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.users = 0
+
+    def fire(self) -> None:
+        self.event.set()
+        self.event = anyio.Event()
+
+
+class PostgresBackend:
+    """The shared-store primitives on PostgreSQL (see :mod:`prefetch_ingest.stores.interface`)."""
+
+    errors: tuple[type[BaseException], ...] = _PG_ERRORS
+
+    def __init__(
+        self,
+        dsn: str | None,
+        pool: psycopg_pool.AsyncConnectionPool[Any] | None,
+        *,
+        table: str,
+        poll: float,
+        sweep_every: float = _SWEEP_EVERY,
+        pool_size: int = 10,
+        pool_timeout: float = 10.0,
+    ) -> None:
+        self._dsn = dsn
+        self._given = pool
+        self._table = table
+        self._poll = poll
+        self._sweep_every = sweep_every
+        self._pool_size = pool_size
+        self._pool_timeout = pool_timeout
+        self._sql = _sql(table)
+        self._where = redact(dsn if dsn is not None else pool.conninfo)  # type: ignore[union-attr]
+        self._pool: psycopg_pool.AsyncConnectionPool[Any] | None = None
+        self._signals: dict[str, _Signal] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._listening: anyio.Event | None = None
+        self.listener_pid: int | None = None
+        """The server process of the listening connection (tests terminate it)."""
+        self.on_notice: Callable[[str | None, str], None] | None = None
+
+    @property
+    def where(self) -> str:
+        return self._where
+
+    @property
+    def table(self) -> str:
+        return self._table
+
+    def debug_counts(self) -> dict[str, int]:
+        return {
+            "pool": int(self._pool is not None),
+            "background tasks (listener, sweep)": sum(not t.done() for t in self._tasks),
+            "listeners": len(self._signals),
+        }
+
+    # -- life cycle ----------------------------------------------------------
+
+    async def open(self) -> None:
+        _require_asyncio()
+        if self._given is not None:
+            self._pool = self._given
+        else:
+            assert self._dsn is not None
+            pool: psycopg_pool.AsyncConnectionPool[Any] = psycopg_pool.AsyncConnectionPool(
+                self._dsn,
+                min_size=1,
+                max_size=self._pool_size,
+                timeout=self._pool_timeout,
+                kwargs={"autocommit": True, "connect_timeout": 5},
+                open=False,
+                name=f"prefetch_ingest {self._table}",
+            )
+            self._pool = pool
+            try:
+                await pool.open(wait=True, timeout=self._pool_timeout)
+            except psycopg_pool.PoolTimeout as exc:
+                # psycopg_pool's own message may carry the connection's error: keep ours
+                raise psycopg.OperationalError(
+                    f"no connection to {self._where} within {self._pool_timeout} s"
+                ) from exc
+        await self._run(self._create)
+        loop = asyncio.get_running_loop()
+        self._listening = anyio.Event()
+        self._tasks = [
+            loop.create_task(
+                self._listen(), name=f"prefetch_ingest postgres listener {self._table}"
+            ),
+            loop.create_task(
+                self._sweep_loop(), name=f"prefetch_ingest postgres sweep {self._table}"
+            ),
+        ]
+        with anyio.move_on_after(self._poll * 5):
+            await self._listening.wait()  # notifications from the start (bounded: polls cover)
+
+    async def _create(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """The schema, when missing; one opener at a time (a transaction-scoped advisory lock)."""
+        async with conn.transaction():
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtext('prefetch_ingest schema ' || %s))",
+                (self._table,),
+            )
+            exists = await (await conn.execute("SELECT to_regclass(%s)", (self._table,))).fetchone()
+            if exists is None or exists[0] is None:
+                await conn.execute(schema_sql(self._table))  # type: ignore[arg-type]
+
+    async def aclose(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait(tasks)
+        for signal in self._signals.values():
+            signal.fire()
+        pool, self._pool = self._pool, None
+        if pool is not None and pool is not self._given:
+            with anyio.CancelScope(shield=True):
+                await pool.close()
+
+    # -- running statements ---------------------------------------------------
+
+    async def _run(
+        self, fn: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]], *, retry: bool = True
+    ) -> T:
+        """``fn`` on a pooled connection; once more on a fresh one if the pooled connection
+        was dead (a server restart leaves every idle connection stale)."""
+        pool = self._pool
+        if pool is None:
+            raise psycopg.OperationalError(
+                "the PostgresStore is not open (the Prefetcher opens it)"
+            )
+        for attempt in (0, 1):
+            try:
+                async with pool.connection() as conn:
+                    return await fn(conn)
+            except psycopg.OperationalError as exc:
+                if (
+                    not retry
+                    or attempt
+                    or isinstance(exc, psycopg_pool.PoolTimeout | psycopg_pool.PoolClosed)
+                ):
+                    raise
+                with anyio.move_on_after(self._pool_timeout):
+                    await pool.check()  # replace every other dead idle connection
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _one(self, name: str, params: Any, *, retry: bool = True) -> tuple[Any, ...] | None:
+        sql = self._sql[name]
+
+        async def go(conn: psycopg.AsyncConnection[Any]) -> tuple[Any, ...] | None:
+            cur = await conn.execute(sql, params)  # type: ignore[arg-type]
+            return await cur.fetchone()
+
+        return await self._run(go, retry=retry)
+
+    def _params(self, digest: str, **more: Any) -> dict[str, Any]:
+        return {"digest": digest, "channel": self._table, **more}
+
+    # -- the primitives ------------------------------------------------------------
+
+    async def read(self, digest: str, *, outcome_only: bool = False) -> Read:
+        if outcome_only:  # a get's lookup: one primary-key SELECT
+            r = await self._one("hit", (digest,))
+            return Read() if r is None else Read(_outcome(r))
+        r = await self._one("read", (digest,))
+        return Read() if r is None else _parse_read(r)
+
+    async def acquire(
+        self, digest: str, run: Run, lease: float, *, force: bool, accept: frozenset[str]
+    ) -> Acquired:
+        # idempotent: an attempt that landed before its answer was lost leaves the lease
+        # with this run's token, which a second attempt reports as taken
+        r = await self._one(
+            "acquire",
+            self._params(
+                digest,
+                token=run.token,
+                started=run.started_at,
+                background=run.background,
+                lease=lease,
+                force=force,
+                accept=list(accept),
+            ),
+        )
+        assert r is not None
+        if r[0]:
+            return Acquired(int(r[13]))
+        return Acquired(None, _parse_read(r[2:24]))
+
+    async def renew(self, digest: str, token: str, lease: float, progress: Progress | None) -> bool:
+        r = await self._one(
+            "renew",
+            self._params(
+                digest,
+                token=token,
+                lease=lease,
+                has=progress is not None,
+                progress=None if progress is None else _progress_json(progress),
+            ),
+        )
+        return bool(r and r[0])
+
+    async def complete(self, digest: str, outcome: Outcome, keep: float | None) -> Completion:
+        o = outcome
+        r = await self._one(
+            "complete",
+            self._params(
+                digest,
+                token=o.token,
+                ok=o.ok,
+                started=o.started_at,
+                completed=o.completed_at,
+                background=o.background,
+                payload=o.payload if o.ok else None,
+                etype=o.error_type,
+                emsg=o.error_message,
+                expires=o.expires_at,
+                keep=keep,
+            ),
+            retry=False,  # not idempotent: the lease algorithm retries and checks
+        )
+        ev = None if r is None else r[0]
+        if ev is None:
+            return Completion.LOST
+        return Completion.SUPERSEDED if ev == "r" else Completion.WRITTEN
+
+    async def release(self, digest: str, token: str) -> bool:
+        r = await self._one("release", self._params(digest, token=token))
+        return bool(r and r[0])
+
+    async def invalidate(self, digest: str) -> bool:
+        r = await self._one("invalidate", self._params(digest))
+        return bool(r and r[0])
+
+    async def cancel(self, digest: str, keep: float) -> str | None:
+        r = await self._one("cancel", self._params(digest, keep=keep))
+        return None if r is None or r[0] is None else str(r[0])
+
+    async def wait_change(self, digest: str, timeout: float) -> None:
+        signal = self._signals.get(digest)
+        if signal is None:
+            signal = self._signals[digest] = _Signal()
+        signal.users += 1
+        try:
+            with anyio.move_on_after(timeout):
+                await signal.event.wait()
+        finally:
+            signal.users -= 1
+            if signal.users <= 0 and self._signals.get(digest) is signal:
+                del self._signals[digest]
+
+    async def sweep(self) -> int:
+        """Delete the rows with nothing live left (by the index on their last expiry)."""
+
+        async def go(conn: psycopg.AsyncConnection[Any]) -> int:
+            cur = await conn.execute(self._sql["sweep"])  # type: ignore[arg-type]
+            return cur.rowcount
+
+        return await self._run(go)
+
+    # -- background tasks ---------------------------------------------------------
+
+    def _conninfo(self) -> tuple[str, dict[str, Any]]:
+        if self._given is not None:
+            return self._given.conninfo, dict(self._given.kwargs or {})
+        assert self._dsn is not None
+        return self._dsn, {"connect_timeout": 5}
+
+    async def _listen(self) -> None:
+        """LISTEN on a dedicated connection; reconnect after any failure (every waiter is
+        woken then: notifications may have been lost meanwhile)."""
+        conninfo, kwargs = self._conninfo()
+        kwargs["autocommit"] = True
+        while True:
+            try:
+                conn = await psycopg.AsyncConnection.connect(conninfo, **kwargs)
+                try:
+                    await conn.execute(f"LISTEN {self._table}")  # type: ignore[arg-type]
+                    self.listener_pid = conn.info.backend_pid
+                    if self._listening is not None:
+                        self._listening.set()
+                    self._lost()  # messages may have been lost while not listening
+                    async for n in conn.notifies():
+                        digest, _, event = n.payload.partition(":")
+                        if self.on_notice is not None:
+                            self.on_notice(digest, event)
+                        signal = self._signals.get(digest)
+                        if signal is not None:
+                            signal.fire()
+                finally:
+                    with anyio.CancelScope(shield=True), contextlib.suppress(*_PG_ERRORS):
+                        await conn.close()
+            except Exception as exc:  # the server down, or anything odd: never die silently
+                self.listener_pid = None
+                self._wake_all()  # waiters fall back to reading the keys themselves
+                if not isinstance(exc, _PG_ERRORS):
+                    _log.logger.warning(
+                        "prefetch.postgres_listener_error", where=self._where, error=error_text(exc)
+                    )
+            await anyio.sleep(self._poll)
+
+    def _lost(self) -> None:
+        if self.on_notice is not None:
+            self.on_notice(None, "i")
+        self._wake_all()
+
+    def _wake_all(self) -> None:
+        for signal in list(self._signals.values()):
+            signal.fire()
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await anyio.sleep(self._sweep_every)
+            with contextlib.suppress(*_PG_ERRORS):
+                await self.sweep()
+
+
+class PostgresStore(LeasedStore):
+    """A shared store on PostgreSQL: each key runs once across processes, no other server.
+
+    Args:
+        dsn_or_pool: a ``postgresql://`` URL or a key=value DSN (the store makes its
+            own pool, and closes it), or the application's own
+            :class:`psycopg_pool.AsyncConnectionPool` (already open; never closed
+            by the store). Notifications use one more connection, made with the
+            same connection information.
+        table: the table's name (a lower-case SQL identifier); its sequence is
+            ``{table}_fence``, its notification channel ``{table}``. Created on
+            open when missing (see :meth:`schema_sql` to create it by migration).
+        lease: seconds a run's lease lasts without renewal (renewed every
+            ``lease / 3``); size it above the database's failover time.
+        codec: how values become bytes; ``None`` is :class:`JSONCodec`.
+        fallback: ``None`` (PostgreSQL unreachable → :class:`StoreError`) or ``"local"``.
+        poll_interval: how often a waiter re-reads the key without a notification;
+            default ``lease / 10`` clamped to 0.05 … 1 s.
+        pool_size, pool_timeout: the store's own pool (with a DSN): at most this many
+            connections; a call waits at most ``pool_timeout`` for one, then fails
+            (as an outage).
+        sweep_interval: seconds between deletions of expired rows.
+    """
+
+    kind = "PostgreSQL"
+
+    def __init__(
+        self,
+        dsn_or_pool: str | psycopg_pool.AsyncConnectionPool[Any],
+        *,
+        table: str = "prefetch_ingest",
+        lease: float = 30.0,
+        codec: Codec | None = None,
+        fallback: Literal["local"] | None = None,
+        poll_interval: float | None = None,
+        pool_size: int = 10,
+        pool_timeout: float = 10.0,
+        sweep_interval: float = _SWEEP_EVERY,
+    ) -> None:
+        dsn: str | None = None
+        pool: psycopg_pool.AsyncConnectionPool[Any] | None = None
+        if isinstance(dsn_or_pool, str):
+            try:
+                conninfo_to_dict(dsn_or_pool)
+            except psycopg.ProgrammingError:
+                raise ValueError(
+                    f"dsn_or_pool: not a PostgreSQL DSN: {redact(dsn_or_pool)!r}"
+                ) from None
+            dsn = dsn_or_pool
+        elif isinstance(dsn_or_pool, psycopg_pool.AsyncConnectionPool):
+            pool = dsn_or_pool
+        else:
+            raise TypeError(
+                "dsn_or_pool must be a postgresql:// DSN or a psycopg_pool.AsyncConnectionPool, "
+                f"got {type(dsn_or_pool).__name__}"
+            )
+        _check_table(table)
+        if type(pool_size) is not int or pool_size < 1:
+            raise ValueError(f"pool_size must be a positive int, got {pool_size!r}")
+        self._pg = PostgresBackend(
+            dsn,
+            pool,
+            table=table,
+            poll=poll_for(lease, poll_interval),
+            sweep_every=sweep_interval,
+            pool_size=pool_size,
+            pool_timeout=pool_timeout,
+        )
+        super().__init__(
+            self._pg, lease=lease, codec=codec, fallback=fallback, poll_interval=poll_interval
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"PostgresStore({self._pg.where!r}, table={self._pg.table!r}, lease={self._lease!r}, "
+            f"codec={self._codec!r}, fallback={self._fallback!r})"
+        )
+
+    @staticmethod
+    def schema_sql(table: str = "prefetch_ingest") -> str:
+        """The DDL the store runs on open when its table is missing (for migrations)."""
+        return schema_sql(table)
+
+    async def open(self, *, ttl: float | None, failure_ttl: float) -> None:
+        """Connect, create the table when missing, start listening.
+
+        Raises:
+            RuntimeError: not running on asyncio.
+            StoreError: PostgreSQL does not answer (unless ``fallback="local"``).
+        """
+        _require_asyncio()
+        await super().open(ttl=ttl, failure_ttl=failure_ttl)
+
+    async def sweep(self) -> int:
+        """Delete expired rows now (the store also does it every ``sweep_interval``)."""
+        return await self._pg.sweep()
