@@ -33,7 +33,7 @@ import contextlib
 import json
 import math
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Final, Literal, TypeVar
 
 import anyio
@@ -63,6 +63,8 @@ _PG_ERRORS: Final = (psycopg.OperationalError, psycopg.InterfaceError, OSError)
 """"PostgreSQL unreachable or failing": connection errors, a server shutting down
 (``AdminShutdown`` is an ``OperationalError``), a pool that gives no connection in
 time (``PoolTimeout``) or is closed (``PoolClosed``), both ``OperationalError``\\ s."""
+
+_IDLE: Final = psycopg.pq.TransactionStatus.IDLE
 
 _NOTE_S: Final = 30.0
 """How long a failure note stays for the followers of a failed refresh (seconds)."""
@@ -320,6 +322,63 @@ class _Signal:
         self.event = anyio.Event()
 
 
+class PoolExhausted(psycopg.OperationalError):
+    """Every connection of the store's pool stayed busy for ``pool_timeout`` seconds."""
+
+
+class _Pool:
+    """The store's own connections (with a DSN): at most ``size``, made on demand.
+
+    Not psycopg_pool's pool, on purpose: there a caller waits for its ``timeout`` while
+    the pool retries connecting in the background, so an outage looked like a slow store
+    for that long; here a refused connection fails the call at once (an outage the lease
+    algorithm sees as one), and only a pool with every connection busy makes a caller
+    wait, for at most ``timeout`` seconds, then :class:`PoolExhausted`.
+    """
+
+    def __init__(self, conninfo: str, size: int, timeout: float) -> None:
+        self.conninfo = conninfo
+        self.kwargs: dict[str, Any] = {"autocommit": True, "connect_timeout": 5}
+        self._size = size
+        self._timeout = timeout
+        self._slots = anyio.Semaphore(size)
+        self._idle: list[psycopg.AsyncConnection[Any]] = []
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        with anyio.move_on_after(self._timeout) as waited:
+            await self._slots.acquire()
+        if waited.cancelled_caught:
+            raise PoolExhausted(
+                f"all {self._size} connections of the PostgresStore's pool stayed busy for "
+                f"{self._timeout} s (pool_size, pool_timeout)"
+            )
+        conn: psycopg.AsyncConnection[Any] | None = None
+        try:
+            conn = self._idle.pop() if self._idle else None
+            if conn is None:
+                conn = await psycopg.AsyncConnection.connect(self.conninfo, **self.kwargs)
+            yield conn
+            if not conn.closed and conn.info.transaction_status == _IDLE:
+                self._idle.append(conn)
+                conn = None
+        finally:
+            self._slots.release()
+            if conn is not None:  # failed, cancelled mid-statement: never reused
+                with anyio.CancelScope(shield=True), contextlib.suppress(*_PG_ERRORS):
+                    await conn.close()
+
+    async def check(self) -> None:
+        """Drop the idle connections (after a failure they are likely dead too)."""
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            with contextlib.suppress(*_PG_ERRORS):
+                await conn.close()
+
+    async def close(self) -> None:
+        await self.check()
+
+
 class PostgresBackend:
     """The shared-store primitives on PostgreSQL (see :mod:`prefetch_ingest.stores.interface`)."""
 
@@ -345,7 +404,7 @@ class PostgresBackend:
         self._pool_timeout = pool_timeout
         self._sql = _sql(table)
         self._where = redact(dsn if dsn is not None else pool.conninfo)  # type: ignore[union-attr]
-        self._pool: psycopg_pool.AsyncConnectionPool[Any] | None = None
+        self._pool: psycopg_pool.AsyncConnectionPool[Any] | _Pool | None = None
         self._signals: dict[str, _Signal] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._listening: anyio.Event | None = None
@@ -376,23 +435,7 @@ class PostgresBackend:
             self._pool = self._given
         else:
             assert self._dsn is not None
-            pool: psycopg_pool.AsyncConnectionPool[Any] = psycopg_pool.AsyncConnectionPool(
-                self._dsn,
-                min_size=1,
-                max_size=self._pool_size,
-                timeout=self._pool_timeout,
-                kwargs={"autocommit": True, "connect_timeout": 5},
-                open=False,
-                name=f"prefetch_ingest {self._table}",
-            )
-            self._pool = pool
-            try:
-                await pool.open(wait=True, timeout=self._pool_timeout)
-            except psycopg_pool.PoolTimeout as exc:
-                # psycopg_pool's own message may carry the connection's error: keep ours
-                raise psycopg.OperationalError(
-                    f"no connection to {self._where} within {self._pool_timeout} s"
-                ) from exc
+            self._pool = _Pool(self._dsn, self._pool_size, self._pool_timeout)
         await self._run(self._create)
         loop = asyncio.get_running_loop()
         self._listening = anyio.Event()
@@ -452,7 +495,9 @@ class PostgresBackend:
                 if (
                     not retry
                     or attempt
-                    or isinstance(exc, psycopg_pool.PoolTimeout | psycopg_pool.PoolClosed)
+                    or isinstance(
+                        exc, PoolExhausted | psycopg_pool.PoolTimeout | psycopg_pool.PoolClosed
+                    )
                 ):
                     raise
                 with anyio.move_on_after(self._pool_timeout):
