@@ -70,9 +70,9 @@ class PostgresServer:
             shutil.chown(self.base, user="postgres")
             self.as_user = ["runuser", "-u", "postgres", "--"]
         self.port = _free_port()
+        args = ["-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"]
         subprocess.run(
-            [*self.as_user, self.initdb, "-D", str(self.data), "-U", "postgres"]
-            + ["--auth=trust", "-E", "UTF8", "--no-sync"],
+            [*self.as_user, self.initdb, *args],
             check=True,
             capture_output=True,
             timeout=120,
@@ -145,7 +145,7 @@ class PostgresServer:
         import psycopg
 
         with psycopg.connect(self.dsn, autocommit=True, connect_timeout=10) as conn:
-            cur = conn.execute(query, params or None)  # type: ignore[arg-type]
+            cur = conn.execute(query, params or None)
             return cur.fetchall() if cur.description is not None else []
 
     def remove(self) -> None:

@@ -190,6 +190,7 @@ def _sql(table: str) -> dict[str, str]:
         f"{c} = CASE WHEN NOT {sup} AND {note} THEN {v} ELSE e.{c} END"
         for c, v in zip(_NOTE_COLS, new_note, strict=True)
     )
+    e_row = ", ".join("e." + c.strip() for c in row.split(", "))
     notify = "SELECT pg_notify(%(channel)s, %(digest)s || ':' || ev) FROM up"
     return {
         "hit": f"SELECT {o_sel} FROM {t} WHERE digest = %s AND o_until > now()",
@@ -200,8 +201,7 @@ WITH up AS (
     VALUES (%(digest)s, %(token)s, nextval('{t}_fence'), %(started)s, %(background)s, NULL,
             now() + %(lease)s * interval '1 second')
     ON CONFLICT (digest) DO UPDATE SET {take_set}
-    RETURNING e.l_token = %(token)s AS took, 's' AS ev, {", ".join("e." + c for c in row.split(", ")[:-3])},
-              e.o_until > now(), e.l_until > now(), e.n_until > now()
+    RETURNING e.l_token = %(token)s AS took, 's' AS ev, {e_row}
 ), n AS ({notify} WHERE took)
 SELECT up.*, (SELECT count(*) FROM n) FROM up""",
         "renew": f"""
@@ -403,7 +403,10 @@ class PostgresBackend:
         self._pool_size = pool_size
         self._pool_timeout = pool_timeout
         self._sql = _sql(table)
-        self._where = redact(dsn if dsn is not None else pool.conninfo)  # type: ignore[union-attr]
+        info: object = dsn if pool is None else pool.conninfo
+        self._where = (
+            redact(info) if isinstance(info, str) else "postgresql (the application's pool)"
+        )
         self._pool: psycopg_pool.AsyncConnectionPool[Any] | _Pool | None = None
         self._signals: dict[str, _Signal] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -459,7 +462,7 @@ class PostgresBackend:
             )
             exists = await (await conn.execute("SELECT to_regclass(%s)", (self._table,))).fetchone()
             if exists is None or exists[0] is None:
-                await conn.execute(schema_sql(self._table))  # type: ignore[arg-type]
+                await conn.execute(schema_sql(self._table))
 
     async def aclose(self) -> None:
         tasks, self._tasks = self._tasks, []
@@ -508,7 +511,7 @@ class PostgresBackend:
         sql = self._sql[name]
 
         async def go(conn: psycopg.AsyncConnection[Any]) -> tuple[Any, ...] | None:
-            cur = await conn.execute(sql, params)  # type: ignore[arg-type]
+            cur = await conn.execute(sql, params)
             return await cur.fetchone()
 
         return await self._run(go, retry=retry)
@@ -613,29 +616,39 @@ class PostgresBackend:
         """Delete the rows with nothing live left (by the index on their last expiry)."""
 
         async def go(conn: psycopg.AsyncConnection[Any]) -> int:
-            cur = await conn.execute(self._sql["sweep"])  # type: ignore[arg-type]
+            cur = await conn.execute(self._sql["sweep"])
             return cur.rowcount
 
         return await self._run(go)
 
     # -- background tasks ---------------------------------------------------------
 
-    def _conninfo(self) -> tuple[str, dict[str, Any]]:
-        if self._given is not None:
-            return self._given.conninfo, dict(self._given.kwargs or {})
-        assert self._dsn is not None
-        return self._dsn, {"connect_timeout": 5}
+    async def _conninfo(self) -> tuple[str, dict[str, Any]]:
+        """How to connect the listener: as the pool connects (its conninfo may be a callable)."""
+        if self._given is None:
+            assert self._dsn is not None
+            return self._dsn, {"connect_timeout": 5, "autocommit": True}
+        info: Any = self._given.conninfo
+        kwargs: Any = self._given.kwargs
+        if callable(info):
+            info = info()
+            if isinstance(info, Awaitable):
+                info = await info
+        if callable(kwargs):
+            kwargs = kwargs()
+            if isinstance(kwargs, Awaitable):
+                kwargs = await kwargs
+        return str(info), {**(kwargs or {}), "autocommit": True}
 
     async def _listen(self) -> None:
         """LISTEN on a dedicated connection; reconnect after any failure (every waiter is
         woken then: notifications may have been lost meanwhile)."""
-        conninfo, kwargs = self._conninfo()
-        kwargs["autocommit"] = True
         while True:
             try:
+                conninfo, kwargs = await self._conninfo()
                 conn = await psycopg.AsyncConnection.connect(conninfo, **kwargs)
                 try:
-                    await conn.execute(f"LISTEN {self._table}")  # type: ignore[arg-type]
+                    await conn.execute(f"LISTEN {self._table}")
                     self.listener_pid = conn.info.backend_pid
                     if self._listening is not None:
                         self._listening.set()
