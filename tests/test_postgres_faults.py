@@ -5,6 +5,7 @@ DSNs, several instances creating the table at once, the sweep."""
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -289,7 +290,9 @@ async def test_hostile_keys_and_values_round_trip_and_inject_nothing(
         runs += 1
         return HOSTILE_VALUES[HOSTILE_KEYS.index(key) % len(HOSTILE_VALUES)]
 
-    make = lambda: PostgresStore(postgres_server.dsn, table=pg_table)  # noqa: E731
+    def make() -> PostgresStore:
+        return PostgresStore(postgres_server.dsn, table=pg_table)
+
     async with Prefetcher(load, store=make()) as a, Prefetcher(load, store=make()) as b:
         for i, key in enumerate(HOSTILE_KEYS):
             want = HOSTILE_VALUES[i % len(HOSTILE_VALUES)]
@@ -337,7 +340,7 @@ async def test_several_instances_creating_the_table_at_once_all_open(
     stores = [PostgresStore(postgres_server.dsn, table=pg_table) for _ in range(8)]
     async with anyio.create_task_group() as tg:
         for s in stores:
-            tg.start_soon(lambda s=s: s.open(ttl=None, failure_ttl=0.0))
+            tg.start_soon(functools.partial(s.open, ttl=None, failure_ttl=0.0))
     try:
         assert all(s._open for s in stores)
     finally:
