@@ -5,15 +5,19 @@ every step: one current run per key across both instances, the same status on bo
 and every caller's outcome (docs/contract.md, "Shared stores").
 
 Fast (no server), so it runs many examples on asyncio and trio; the Redis machine
-(tests/test_redis_state_machine.py) adds time, crashes and a real server.
+(tests/test_redis_state_machine.py) adds time, crashes and a real server. The same
+machine also runs on PostgreSQL (a private cluster, a fresh table per example, asyncio):
+there "settled" also means no statement in flight and every notification sent received
+by both instances' listeners (counted by :class:`_CountedBackend`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import uuid
 from contextlib import ExitStack
-from typing import Any
+from typing import Any, ClassVar
 
 import anyio
 import attrs
@@ -26,10 +30,14 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from prefetch_ingest import LoadCancelled, Prefetcher, RemoteLoadError, Status
 from prefetch_ingest.stores.memory import MemoryServer, MemoryStore
 from tests.conftest import check_no_task_of_ours
+from tests.postgres_server import PostgresServer, postgres_server
+
+__all__ = ["postgres_server"]
 
 KEYS = st.sampled_from(["a", "b"])
 INSTANCES = st.sampled_from([0, 1])
 EXAMPLES = int(os.environ.get("PREFETCH_STATEFUL_EXAMPLES", "60"))
+PG_EXAMPLES = int(os.environ.get("PREFETCH_STATEFUL_PG_EXAMPLES", "12"))
 
 
 class Boom(Exception):
@@ -75,22 +83,65 @@ class Caller:
     box: list[Any] = attrs.Factory(list)
 
 
+class _Traffic:
+    """Statements in flight, notifications sent and received (the PostgreSQL machine)."""
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.sent = 0
+        self.received = 0
+
+
+def _postgres_store(dsn: str, table: str, traffic: _Traffic) -> Any:
+    from prefetch_ingest.postgres import PostgresBackend, PostgresStore
+
+    class _CountedBackend(PostgresBackend):
+        async def _one(self, name: str, params: Any, *, retry: bool = True) -> Any:
+            traffic.in_flight += 1
+            try:
+                row = await super()._one(name, params, retry=retry)
+            finally:
+                traffic.in_flight -= 1
+            if name not in ("hit", "read") and row is not None:
+                traffic.sent += int(row[-1])  # every primitive returns its NOTIFY count last
+            return row
+
+    store = PostgresStore(dsn, table=table, poll_interval=0.05)
+    store._pg.__class__ = _CountedBackend
+    notice = store._pg.on_notice
+    assert notice is not None
+
+    def counted(digest: str | None, event: str) -> None:
+        if digest is not None:
+            traffic.received += 1
+        notice(digest, event)
+
+    store._pg.on_notice = counted
+    return store
+
+
 class SharedMachine(RuleBasedStateMachine):
     backend = "asyncio"
+    postgres: ClassVar[str | None] = None  # the DSN of the cluster to run on, if any
 
     def __init__(self) -> None:
         super().__init__()
         self.stack = ExitStack()
         self.portal: BlockingPortal = self.stack.enter_context(start_blocking_portal(self.backend))
         self.server = MemoryServer()
+        self.traffic = _Traffic()
+        table = "sm_" + uuid.uuid4().hex[:12]
         self.loader = Loader()
         self.pfs: list[Prefetcher[str, Any]] = []
         self.open = ExitStack()
         self.stack.enter_context(self.open)
         for i in range(2):
-            pf: Prefetcher[str, Any] = Prefetcher(
-                store=MemoryStore(self.server, poll_interval=0.05), name=f"i{i}"
+            store = (
+                MemoryStore(self.server, poll_interval=0.05)
+                if self.postgres is None
+                else _postgres_store(self.postgres, table, self.traffic)
             )
+            pf: Prefetcher[str, Any] = Prefetcher(store=store, name=f"i{i}")
             self.open.enter_context(self.portal.wrap_async_context_manager(pf))
             self.pfs.append(pf)
         # the model: the shared truth per key
@@ -124,6 +175,22 @@ class SharedMachine(RuleBasedStateMachine):
         if self.backend != "asyncio":
             await anyio.wait_all_tasks_blocked()
             return
+        if self.postgres is None:
+            await self._tasks_blocked()
+            return
+        traffic = self.traffic
+        with anyio.fail_after(10):
+            while True:
+                await self._tasks_blocked()
+                if traffic.in_flight == 0 and traffic.received >= 2 * traffic.sent:
+                    await self._tasks_blocked()
+                    if traffic.in_flight == 0:
+                        return
+                # a statement is on its way to the server, or a notification back from it:
+                # nothing in this loop to wait on but the socket
+                await anyio.sleep(0.002)
+
+    async def _tasks_blocked(self) -> None:
         me = asyncio.current_task()
         for _ in range(10_000):
             await asyncio.sleep(0)
@@ -313,8 +380,23 @@ def test_two_instances_on_one_shared_store_follow_the_model(backend: str) -> Non
     machine: type[SharedMachine] = type(
         f"SharedMachine_{backend}", (SharedMachine,), {"backend": backend}
     )
+    _run(machine, EXAMPLES)
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_two_instances_on_one_postgres_store_follow_the_model(
+    postgres_server: PostgresServer,
+) -> None:
+    machine: type[SharedMachine] = type(
+        "SharedMachine_postgres", (SharedMachine,), {"postgres": postgres_server.dsn}
+    )
+    _run(machine, PG_EXAMPLES)
+
+
+def _run(machine: type[SharedMachine], examples: int) -> None:
     machine.TestCase.settings = settings(
-        max_examples=EXAMPLES,
+        max_examples=examples,
         stateful_step_count=30,
         deadline=None,
         suppress_health_check=[HealthCheck.too_slow],
