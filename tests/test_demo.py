@@ -24,9 +24,11 @@ import trio.testing
 from prefetch_ingest.__main__ import build_parser, main
 from prefetch_ingest._demo import DemoConfig, DemoSummary, run_demo
 
+from .postgres_server import PostgresServer, postgres_server
 from .redis_server import RedisServer, redis_server_fixture
 
 redis_server = redis_server_fixture()
+__all__ = ["postgres_server"]
 
 DEMO = [sys.executable, "-m", "prefetch_ingest", "demo"]
 FAST = ["--scale", "0.001"]
@@ -137,6 +139,40 @@ def test_demo_with_redis_runs_two_instances_and_leaves_no_keys(redis_server: Red
         assert f"Mapping answered {outcome}" in done.stdout
     assert "hit ratio: 67% (1 hit, 1 joined, 1 ran, of 3 clicks)" in done.stdout
     assert redis_server.command("KEYS", "prefetch_ingest_demo_*:*") == []
+
+
+@pytest.mark.postgres
+def test_demo_with_postgres_runs_two_instances_and_drops_its_table(
+    postgres_server: PostgresServer,
+) -> None:
+    done = subprocess.run(
+        [*DEMO, *FAST, "--postgres", postgres_server.dsn],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Two instances share PostgreSQL" in done.stdout
+    assert "user clicks Mapping on B" in done.stdout
+    for outcome in ("(hit)", "(joined)", "(ran)"):
+        assert f"Mapping answered {outcome}" in done.stdout
+    assert "hit ratio: 67% (1 hit, 1 joined, 1 ran, of 3 clicks)" in done.stdout
+    left = postgres_server.sql(
+        "SELECT relname FROM pg_class WHERE relname LIKE 'prefetch_ingest_demo_%%'"
+    )
+    assert left == []
+
+
+def test_demo_refuses_postgres_on_trio_and_two_stores(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--postgres", "postgresql://u@127.0.0.1:1/db", "--backend", "trio"])
+    assert exit_info.value.code == 2
+    assert "--postgres runs on asyncio only" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--postgres", "postgresql://u@h/db", "--redis", "redis://h:1/0"])
+    assert exit_info.value.code == 2
+    assert "choose one store" in capsys.readouterr().err
 
 
 def test_demo_refuses_redis_on_trio(capsys: pytest.CaptureFixture[str]) -> None:

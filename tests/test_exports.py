@@ -69,7 +69,8 @@ def test_the_core_imports_nothing_beyond_its_three_dependencies() -> None:
     code = (
         "import sys, prefetch_ingest\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
-        "{'redis', 'psycopg', 'psycopg_pool', 'trio', 'fastapi', 'httpx', 'hypothesis', 'pytest'})\n"
+        "{'redis', 'psycopg', 'psycopg_pool', 'trio', 'fastapi', 'httpx', 'hypothesis',"
+        " 'pytest'})\n"
         "print(','.join(bad))\n"
     )
     out = subprocess.run(

@@ -93,6 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
         "'redis' extra and --backend asyncio; the demo's keys are removed at the end",
     )
     demo.add_argument(
+        "--postgres",
+        metavar="DSN",
+        default=None,
+        help="the same with PostgreSQL (postgresql://user@host/db): two instances share a "
+        "table of the run's own, dropped at the end; needs the 'postgres' extra and "
+        "--backend asyncio",
+    )
+    demo.add_argument(
         "--log-level",
         choices=_LOG_LEVELS,
         default="error",
@@ -119,6 +127,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         if args.redis is not None and args.backend != "asyncio":
             parser.error("--redis runs on asyncio only (the Redis store is asyncio-only)")
+        if args.postgres is not None and args.backend != "asyncio":
+            parser.error("--postgres runs on asyncio only (the PostgreSQL store is asyncio-only)")
+        if args.postgres is not None and args.redis is not None:
+            parser.error("--redis and --postgres: choose one store")
         import functools
 
         import anyio
@@ -133,6 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ingest_s=args.ingest_seconds,
             progress=not args.no_progress and sys.stdout.isatty(),
             redis_url=args.redis,
+            postgres_dsn=args.postgres,
         )
         try:
             anyio.run(functools.partial(run_demo, config), backend=args.backend)

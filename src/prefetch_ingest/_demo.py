@@ -62,6 +62,8 @@ class DemoConfig:
         redis_url: run two instances sharing this Redis (asyncio only):
             instance A answers the Query and runs the background ingest,
             instance B answers the Mapping click.
+        postgres_dsn: the same, sharing this PostgreSQL database (a table of the run's
+            own, dropped at the end).
     """
 
     scale: float = 0.01
@@ -70,6 +72,7 @@ class DemoConfig:
     ingest_s: float = 120.0
     progress: bool = False
     redis_url: str | None = None
+    postgres_dsn: str | None = None
 
 
 @attrs.frozen
@@ -355,16 +358,17 @@ async def run_demo(config: DemoConfig, out: TextIO | None = None) -> DemoSummary
     screen.print()
     results = []
     async with contextlib.AsyncExitStack() as stack:
-        if config.redis_url is None:
+        shared = config.redis_url is not None or config.postgres_dsn is not None
+        if not shared:
             one = await stack.enter_async_context(
                 IngestPrefetcher(pipeline, clock=anyio.current_time)
             )
             sides = (one, one)
         else:
-            sides = await _two_instances(stack, pipeline, config.redis_url)
+            sides = await _two_instances(stack, pipeline, config)
             screen.print(
-                "Two instances share Redis: A answers Query and runs the background ingest, "
-                "B answers the Mapping click."
+                f"Two instances share {'Redis' if config.redis_url else 'PostgreSQL'}: "
+                "A answers Query and runs the background ingest, B answers the Mapping click."
             )
             screen.print()
         # (title, label in the table, click time as a share of the ingest, the
@@ -403,8 +407,8 @@ async def run_demo(config: DemoConfig, out: TextIO | None = None) -> DemoSummary
                     settled=settled,
                 )
             )
-        if config.redis_url is not None:
-            for number in range(1, len(timelines) + 1):  # leave nothing behind in Redis
+        if shared:
+            for number in range(1, len(timelines) + 1):  # leave nothing behind in the store
                 await sides[1].prefetcher.invalidate((PROJECT, f"run-{number}"))
     sources = [r.source for r in results]
     stats = [side.prefetcher.stats() for side in {id(side): side for side in sides}.values()]
@@ -424,21 +428,41 @@ async def run_demo(config: DemoConfig, out: TextIO | None = None) -> DemoSummary
 
 
 async def _two_instances(
-    stack: contextlib.AsyncExitStack, pipeline: SimulatedPipeline, url: str
+    stack: contextlib.AsyncExitStack, pipeline: SimulatedPipeline, config: DemoConfig
 ) -> tuple[IngestPrefetcher, IngestPrefetcher]:
-    """Instances A and B: two Prefetchers on one Redis, in a namespace of this run's own."""
-    from .redis import RedisStore
-
+    """Instances A and B: two Prefetchers on one Redis or PostgreSQL, in a namespace (a key
+    prefix, a table) of this run's own."""
     prefix = f"prefetch_ingest_demo_{uuid.uuid4().hex[:12]}"
+    dsn = config.postgres_dsn
+    if dsn is not None:
+        stack.push_async_callback(_drop_table, dsn, prefix)  # runs after both have closed
     instances = []
     for _ in range(2):
-        store = RedisStore(url, prefix=prefix)
+        store: Any
+        if dsn is not None:
+            from .postgres import PostgresStore
+
+            store = PostgresStore(dsn, table=prefix)
+        else:
+            from .redis import RedisStore
+
+            assert config.redis_url is not None
+            store = RedisStore(config.redis_url, prefix=prefix)
         instances.append(
             await stack.enter_async_context(
                 IngestPrefetcher(pipeline, store=store, ttl=600.0, clock=anyio.current_time)
             )
         )
     return instances[0], instances[1]
+
+
+async def _drop_table(dsn: str, table: str) -> None:
+    """Leave nothing behind in the database: the demo's table and its fence sequence."""
+    import psycopg
+
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute(f"DROP TABLE IF EXISTS {table}")
+        await conn.execute(f"DROP SEQUENCE IF EXISTS {table}_fence")
 
 
 def _secs(value: float) -> str:
