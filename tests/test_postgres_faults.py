@@ -386,3 +386,28 @@ def _value(v: Any) -> Callable[[], Awaitable[Any]]:
         return v
 
     return run
+
+
+async def test_opened_during_an_outage_with_fallback_local_it_creates_its_table_later(
+    postgres_server: PostgresServer, pg_table: str
+) -> None:
+    """The database is down when the Prefetcher opens (``fallback="local"``): the key runs
+    here; once the database answers, the store creates its missing table on first use,
+    listens, and is the truth again (a second instance sees the stored value)."""
+    load = Gate("v")
+    load.release.set()
+    await anyio.to_thread.run_sync(postgres_server.stop)
+    try:
+        store = PostgresStore(postgres_server.dsn, table=pg_table, fallback="local")
+        async with Prefetcher(load, store=store) as a:
+            assert await a.get("during") == "v"
+            await anyio.to_thread.run_sync(postgres_server.start)
+            await until(lambda: _true(store._pg.listener_pid is not None))
+            assert await a.get("after", load, "after") == "v"
+            other = PostgresStore(postgres_server.dsn, table=pg_table)
+            async with Prefetcher(load, store=other) as b:
+                assert await b.get("after") == "v"
+    finally:
+        if not postgres_server.running():
+            postgres_server.start()
+    assert load.calls == 2  # "during" here, "after" once for both instances

@@ -55,7 +55,7 @@ from ._types import Progress
 from ._validate import error_text
 from .stores.codec import Codec, JSONCodec
 from .stores.interface import Acquired, Completion, Outcome, Read, Run
-from .stores.lease import LeasedStore, poll_for
+from .stores.lease import LeasedStore, check_duration, poll_for
 
 __all__ = ["Codec", "CodecError", "JSONCodec", "PostgresStore", "current_fence", "redact"]
 
@@ -71,7 +71,6 @@ _NOTE_S: Final = 30.0
 
 _SWEEP_EVERY: Final = 60.0
 _TABLE_RE: Final = re.compile(r"[a-z_][a-z0-9_]{0,39}")
-_SECRET = re.compile(r"(password|passfile|sslpassword)(\s*=\s*)('(?:[^'\\]|\\.)*'|\S*)", re.I)
 
 T = TypeVar("T")
 
@@ -82,7 +81,7 @@ def redact(dsn: str) -> str:
     try:
         d = conninfo_to_dict(dsn)
     except (psycopg.ProgrammingError, ValueError):
-        return "<unparsable dsn: " + _SECRET.sub(r"\1\2***", dsn.split("@")[-1])[:200] + ">"
+        return "<an unparsable DSN>"
     user = d.get("user")
     host = d.get("host") or "localhost"
     port = d.get("port") or "5432"
@@ -137,18 +136,9 @@ def _check_table(table: object) -> str:
 
 _LEASE_COLS: Final = ("l_token", "l_fence", "l_started", "l_background", "l_progress", "l_until")
 _OUT_COLS: Final = (
-    "o_ok",
-    "o_token",
-    "o_fence",
-    "o_started",
-    "o_completed",
-    "o_background",
-    "o_payload",
-    "o_error_type",
-    "o_error_message",
-    "o_expires",
-    "o_until",
-)
+    "o_ok", "o_token", "o_fence", "o_started", "o_completed", "o_background", "o_payload",
+    "o_error_type", "o_error_message", "o_expires", "o_until",
+)  # fmt: skip
 _NOTE_COLS: Final = ("n_token", "n_failed", "n_error_type", "n_error_message", "n_until")
 _NO_LEASE: Final = ", ".join(f"{c} = NULL" for c in _LEASE_COLS)
 
@@ -411,6 +401,7 @@ class PostgresBackend:
         self._signals: dict[str, _Signal] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._listening: anyio.Event | None = None
+        self._ready = False  # the table is known to exist
         self.listener_pid: int | None = None
         """The server process of the listening connection (tests terminate it)."""
         self.on_notice: Callable[[str | None, str], None] | None = None
@@ -439,9 +430,10 @@ class PostgresBackend:
         else:
             assert self._dsn is not None
             self._pool = _Pool(self._dsn, self._pool_size, self._pool_timeout)
-        await self._run(self._create)
         loop = asyncio.get_running_loop()
         self._listening = anyio.Event()
+        # the background tasks first: opened during an outage (fallback="local"), the
+        # store listens and creates its table (on first use) once the server answers
         self._tasks = [
             loop.create_task(
                 self._listen(), name=f"prefetch_ingest postgres listener {self._table}"
@@ -450,6 +442,7 @@ class PostgresBackend:
                 self._sweep_loop(), name=f"prefetch_ingest postgres sweep {self._table}"
             ),
         ]
+        await self._run(self._create)
         with anyio.move_on_after(self._poll * 5):
             await self._listening.wait()  # notifications from the start (bounded: polls cover)
 
@@ -463,6 +456,7 @@ class PostgresBackend:
             exists = await (await conn.execute("SELECT to_regclass(%s)", (self._table,))).fetchone()
             if exists is None or exists[0] is None:
                 await conn.execute(schema_sql(self._table))
+        self._ready = True
 
     async def aclose(self) -> None:
         tasks, self._tasks = self._tasks, []
@@ -493,6 +487,8 @@ class PostgresBackend:
         for attempt in (0, 1):
             try:
                 async with pool.connection() as conn:
+                    if not self._ready and fn != self._create:
+                        await self._create(conn)
                     return await fn(conn)
             except psycopg.OperationalError as exc:
                 if (
@@ -747,6 +743,8 @@ class PostgresStore(LeasedStore):
         _check_table(table)
         if type(pool_size) is not int or pool_size < 1:
             raise ValueError(f"pool_size must be a positive int, got {pool_size!r}")
+        pool_timeout = check_duration("pool_timeout", pool_timeout, allow_zero=False)
+        sweep_interval = check_duration("sweep_interval", sweep_interval, allow_zero=False)
         self._pg = PostgresBackend(
             dsn,
             pool,
