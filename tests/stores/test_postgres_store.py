@@ -1,0 +1,79 @@
+"""PostgresStore's arguments, its schema for migrations, and its refusal of trio."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from prefetch_ingest import Prefetcher
+from prefetch_ingest.postgres import PostgresStore, redact
+from tests.postgres_server import PostgresServer, pg_table, postgres_server
+
+__all__ = ["pg_table", "postgres_server"]
+
+
+@pytest.mark.parametrize(
+    ("table", "why"),
+    [
+        ("Upper", "lower-case"),
+        ("a-b", "identifier"),
+        ("x; DROP TABLE y", "identifier"),
+        ("t" * 41, "40 characters"),
+        ("", "identifier"),
+        (3, "identifier"),
+    ],
+)
+def test_a_bad_table_name_is_a_value_error(table: Any, why: str) -> None:
+    with pytest.raises(ValueError, match="table must be"):
+        PostgresStore("postgresql://u@h/db", table=table)
+
+
+def test_bad_arguments_are_clear_errors() -> None:
+    with pytest.raises(TypeError, match="dsn_or_pool"):
+        PostgresStore(42)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="pool_size"):
+        PostgresStore("postgresql://u@h/db", pool_size=0)
+    with pytest.raises(ValueError, match="pool_timeout"):
+        PostgresStore("postgresql://u@h/db", pool_timeout=-1)
+    with pytest.raises(ValueError, match="not a PostgreSQL DSN") as caught:
+        PostgresStore("host=h password=s3cr3t = =")
+    assert "s3cr3t" not in str(caught.value)
+
+
+def test_redact_keeps_user_host_port_and_database_only() -> None:
+    assert redact("postgresql://app:pw@db.example:6432/prod?password=x&sslmode=require") == (
+        "postgresql://app@db.example:6432/prod"
+    )
+    assert redact("host=db user=app password='p w' dbname=prod") == (
+        "postgresql://app@db:5432/prod"
+    )
+    assert redact("postgresql://db/prod") == "postgresql://db:5432/prod"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_the_store_refuses_trio_when_opened() -> None:
+    with pytest.raises(RuntimeError, match="asyncio only"):
+        async with Prefetcher(store=PostgresStore("postgresql://u@127.0.0.1:1/db")):
+            pass
+
+
+@pytest.mark.postgres
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_table_made_by_a_migration_with_schema_sql_is_used_as_it_is(
+    postgres_server: PostgresServer, pg_table: str
+) -> None:
+    ddl = PostgresStore.schema_sql(table=pg_table)
+    assert f"CREATE TABLE IF NOT EXISTS {pg_table}" in ddl and f"{pg_table}_fence" in ddl
+    postgres_server.sql(ddl)
+    postgres_server.sql(f"INSERT INTO {pg_table} (digest) VALUES ('marker')")
+
+    async def load(key: str) -> str:
+        return key.upper()
+
+    async with Prefetcher(load, store=PostgresStore(postgres_server.dsn, table=pg_table)) as pf:
+        assert await pf.get("k") == "K"
+    digests = {r[0] for r in postgres_server.sql(f"SELECT digest FROM {pg_table}")}
+    assert "marker" in digests and len(digests) == 2  # not re-created: the row is still there
