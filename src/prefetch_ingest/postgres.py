@@ -336,13 +336,16 @@ class _Pool:
 
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-        with anyio.move_on_after(self._timeout) as waited:
-            await self._slots.acquire()
-        if waited.cancelled_caught:
-            raise PoolExhausted(
-                f"all {self._size} connections of the PostgresStore's pool stayed busy for "
-                f"{self._timeout} s (pool_size, pool_timeout)"
-            )
+        try:
+            self._slots.acquire_nowait()  # the usual case: no timer to set up
+        except anyio.WouldBlock:
+            with anyio.move_on_after(self._timeout) as waited:
+                await self._slots.acquire()
+            if waited.cancelled_caught:
+                raise PoolExhausted(
+                    f"all {self._size} connections of the PostgresStore's pool stayed busy "
+                    f"for {self._timeout} s (pool_size, pool_timeout)"
+                ) from None
         conn: psycopg.AsyncConnection[Any] | None = None
         try:
             conn = self._idle.pop() if self._idle else None
