@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import statistics
 import subprocess
 import sys
 import time
@@ -67,24 +68,28 @@ async def hits(dsn: str, n: int) -> tuple[float, float, float]:
         digest = digest_of("hot")
         for _ in range(200):  # warm both paths (prepared statements after 5 uses)
             await pf.get("hot")
-        bare = []
-        mine = []
-        for _round in range(3):
+        # interleaved in short rounds, medians: the machine's load moves both alike
+        bare: list[float] = []
+        mine: list[float] = []
+        total = 0
+        rounds, per = 20, max(n // 20, 50)
+        counts.clear()
+        for _round in range(rounds):
             t0 = time.perf_counter()
-            for _ in range(n):
+            for _ in range(per):
                 async with pool.connection() as conn:
                     cur = await conn.execute(
                         "SELECT o_payload FROM bench WHERE digest = %s", (digest,)
                     )
                     await cur.fetchone()
-            bare.append((time.perf_counter() - t0) / n * 1e6)
-            counts.clear()
+            bare.append((time.perf_counter() - t0) / per * 1e6)
             t0 = time.perf_counter()
-            for _ in range(n):
+            for _ in range(per):
                 await pf.get("hot")
-            mine.append((time.perf_counter() - t0) / n * 1e6)
-            per_hit = sum(counts.values()) / n
-    return min(mine), min(bare), per_hit
+            mine.append((time.perf_counter() - t0) / per * 1e6)
+            total += per
+        per_hit = sum(counts.values()) / total
+    return statistics.median(mine), statistics.median(bare), per_hit
 
 
 async def cold(dsn: str, n: int) -> dict[str, float]:
