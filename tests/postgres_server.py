@@ -93,7 +93,9 @@ class PostgresServer:
     def start(self) -> None:
         options = (
             f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 "
-            "-c max_connections=300 -c fsync=off -c synchronous_commit=off"
+            # fsync off: only a crash of the machine would lose data, never one of the
+            # server (commits wait for their WAL write as usual: synchronous_commit on)
+            "-c max_connections=300 -c fsync=off"
         )
         for _attempt in range(3):
             try:
@@ -125,7 +127,10 @@ class PostgresServer:
         if pid is None:
             return
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(os.getpgid(pid), signal.SIGKILL)
+            if os.getpgid(pid) == pid and os.getpgid(0) != pid:
+                os.killpg(pid, signal.SIGKILL)  # pg_ctl's setsid: its own group, backends in
+            else:
+                os.kill(pid, signal.SIGKILL)
         for _ in range(500):
             try:
                 os.kill(pid, 0)

@@ -411,3 +411,54 @@ async def test_opened_during_an_outage_with_fallback_local_it_creates_its_table_
         if not postgres_server.running():
             postgres_server.start()
     assert load.calls == 2  # "during" here, "after" once for both instances
+
+
+async def test_a_server_crash_mid_load_loses_no_committed_lease_and_fences_grow(
+    postgres_server: PostgresServer, pg_table: str
+) -> None:
+    """PostgreSQL SIGKILLed (a crash, recovery on the next start) while A runs the key and
+    B follows: the committed lease survives, so B does not run the key; A's completion
+    lands once the server is back and B gets it; the next run's fence is greater (the
+    sequence is recovered ahead, never behind)."""
+    load = Gate("first")
+    store_b = PostgresStore(postgres_server.dsn, table=pg_table, lease=10.0, poll_interval=0.05)
+    async with (
+        Prefetcher(load, store=PostgresStore(postgres_server.dsn, table=pg_table, lease=10.0)) as a,
+        Prefetcher(load, store=store_b) as b,
+        anyio.create_task_group() as tg,
+    ):
+        got: list[Any] = []
+
+        async def in_b() -> None:
+            got.append(await b.get("k"))
+
+        a.prefetch("k")
+        await load.started.wait()
+        tg.start_soon(in_b)
+        await until(lambda: _following(b))
+        await anyio.to_thread.run_sync(postgres_server.kill)
+        await anyio.to_thread.run_sync(postgres_server.start)
+        load.release.set()
+        await until(lambda: _true(bool(got)))
+        assert got == ["first"] and load.calls == 1
+        assert await b.invalidate("k")
+        second = Gate("second")
+        second.release.set()
+        assert await a.get("k", second, "k") == "second"
+        assert second.fences[0] is not None and load.fences[0] is not None
+        assert second.fences[0] > load.fences[0]
+
+
+async def test_a_table_dropped_underneath_is_created_again(
+    postgres_server: PostgresServer, pg_table: str
+) -> None:
+    """``DROP TABLE`` while an instance is open: its next call creates the table again
+    and goes on (the statement that found no table did nothing, and runs once more)."""
+    load = Gate("v")
+    load.release.set()
+    async with Prefetcher(load, store=PostgresStore(postgres_server.dsn, table=pg_table)) as a:
+        assert await a.get("k") == "v"
+        postgres_server.sql(f"DROP TABLE {pg_table}")
+        assert await a.get("k") == "v"  # gone with the table: run again, stored again
+        assert load.calls == 2
+    assert postgres_server.sql(f"SELECT count(*) FROM {pg_table}") == [(1,)]

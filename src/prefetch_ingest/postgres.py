@@ -504,6 +504,13 @@ class PostgresBackend:
                     raise
                 with anyio.move_on_after(self._pool_timeout):
                     await pool.check()  # replace every other dead idle connection
+            except psycopg.errors.UndefinedTable:
+                # dropped underneath (or lost by a crash of a server that does not wait
+                # for its commits): created again, then the statement once more, which
+                # failed as a whole, so nothing of it happened
+                if attempt or not self._ready:
+                    raise
+                self._ready = False
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _one(self, name: str, params: Any, *, retry: bool = True) -> tuple[Any, ...] | None:
