@@ -42,6 +42,7 @@ try:
     import psycopg
     import psycopg_pool
     from psycopg.conninfo import conninfo_to_dict
+    from psycopg.rows import tuple_row
 except ImportError as _exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         "prefetch_ingest.postgres needs psycopg 3 and psycopg_pool: "
@@ -456,7 +457,8 @@ class PostgresBackend:
                 "SELECT pg_advisory_xact_lock(hashtext('prefetch_ingest schema ' || %s))",
                 (self._table,),
             )
-            exists = await (await conn.execute("SELECT to_regclass(%s)", (self._table,))).fetchone()
+            cur = conn.cursor(row_factory=tuple_row)  # whatever the application's pool uses
+            exists = await (await cur.execute("SELECT to_regclass(%s)", (self._table,))).fetchone()
             if exists is None or exists[0] is None:
                 await conn.execute(schema_sql(self._table))
         self._ready = True
@@ -517,7 +519,8 @@ class PostgresBackend:
         sql = self._sql[name]
 
         async def go(conn: psycopg.AsyncConnection[Any]) -> tuple[Any, ...] | None:
-            cur = await conn.execute(sql, params)
+            cur = conn.cursor(row_factory=tuple_row)  # an application's pool may make dicts
+            await cur.execute(sql, params)
             return await cur.fetchone()
 
         return await self._run(go, retry=retry)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import psycopg_pool
 import pytest
+from psycopg.rows import dict_row
 
 from prefetch_ingest import Prefetcher
 from prefetch_ingest.postgres import PostgresStore, redact
@@ -77,3 +79,38 @@ async def test_a_table_made_by_a_migration_with_schema_sql_is_used_as_it_is(
         assert await pf.get("k") == "K"
     digests = {r[0] for r in postgres_server.sql(f"SELECT digest FROM {pg_table}")}
     assert "marker" in digests and len(digests) == 2  # not re-created: the row is still there
+
+
+@pytest.mark.postgres
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_an_application_pool_with_dict_rows_and_transactions_is_served_as_well(
+    postgres_server: PostgresServer, pg_table: str
+) -> None:
+    """The application's pool makes dict rows and is not autocommit: the store reads its
+    own rows as tuples, its statements are committed when the connection goes back, and
+    two instances on that pool (and a third on a DSN) share one run."""
+    pool: psycopg_pool.AsyncConnectionPool[Any] = psycopg_pool.AsyncConnectionPool(
+        postgres_server.dsn, min_size=1, max_size=4, open=False, kwargs={"row_factory": dict_row}
+    )
+    await pool.open(wait=True)
+    runs = 0
+
+    async def load(key: str) -> str:
+        nonlocal runs
+        runs += 1
+        return key * 2
+
+    try:
+        async with (
+            Prefetcher(load, store=PostgresStore(pool, table=pg_table)) as a,
+            Prefetcher(load, store=PostgresStore(pool, table=pg_table)) as b,
+            Prefetcher(load, store=PostgresStore(postgres_server.dsn, table=pg_table)) as c,
+        ):
+            assert await a.get("k") == "kk"
+            assert await b.get("k") == "kk"
+            assert await c.get("k") == "kk"
+            assert (await c.status("k")).status.value == "completed"
+        assert runs == 1 and not pool.closed
+    finally:
+        await pool.close()
