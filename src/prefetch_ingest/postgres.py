@@ -452,15 +452,15 @@ class PostgresBackend:
 
     async def _create(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """The schema, when missing; one opener at a time (a transaction-scoped advisory lock)."""
+        cur = psycopg.AsyncCursor(conn, row_factory=tuple_row)
         async with conn.transaction():
-            await conn.execute(
+            await cur.execute(
                 "SELECT pg_advisory_xact_lock(hashtext('prefetch_ingest schema ' || %s))",
                 (self._table,),
             )
-            cur = conn.cursor(row_factory=tuple_row)  # whatever the application's pool uses
             exists = await (await cur.execute("SELECT to_regclass(%s)", (self._table,))).fetchone()
             if exists is None or exists[0] is None:
-                await conn.execute(schema_sql(self._table))
+                await cur.execute(schema_sql(self._table))
         self._ready = True
 
     async def aclose(self) -> None:
@@ -519,7 +519,8 @@ class PostgresBackend:
         sql = self._sql[name]
 
         async def go(conn: psycopg.AsyncConnection[Any]) -> tuple[Any, ...] | None:
-            cur = conn.cursor(row_factory=tuple_row)  # an application's pool may make dicts
+            # ours, whatever the application's pool makes (dict rows, raw cursors: $1)
+            cur = psycopg.AsyncCursor(conn, row_factory=tuple_row)
             await cur.execute(sql, params)
             return await cur.fetchone()
 
@@ -625,7 +626,8 @@ class PostgresBackend:
         """Delete the rows with nothing live left (by the index on their last expiry)."""
 
         async def go(conn: psycopg.AsyncConnection[Any]) -> int:
-            cur = await conn.execute(self._sql["sweep"])
+            cur = psycopg.AsyncCursor(conn)
+            await cur.execute(self._sql["sweep"])
             return cur.rowcount
 
         return await self._run(go)

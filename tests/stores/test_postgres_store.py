@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import psycopg
 import psycopg_pool
 import pytest
 from psycopg.rows import dict_row
@@ -87,11 +88,16 @@ async def test_a_table_made_by_a_migration_with_schema_sql_is_used_as_it_is(
 async def test_an_application_pool_with_dict_rows_and_transactions_is_served_as_well(
     postgres_server: PostgresServer, pg_table: str
 ) -> None:
-    """The application's pool makes dict rows and is not autocommit: the store reads its
+    """The application's pool makes dict rows and raw cursors (``$1`` placeholders) and
+    is not autocommit: the store reads its
     own rows as tuples, its statements are committed when the connection goes back, and
     two instances on that pool (and a third on a DSN) share one run."""
     pool: psycopg_pool.AsyncConnectionPool[Any] = psycopg_pool.AsyncConnectionPool(
-        postgres_server.dsn, min_size=1, max_size=4, open=False, kwargs={"row_factory": dict_row}
+        postgres_server.dsn,
+        min_size=1,
+        max_size=4,
+        open=False,
+        kwargs={"row_factory": dict_row, "cursor_factory": psycopg.AsyncRawCursor},
     )
     await pool.open(wait=True)
     runs = 0
