@@ -10,7 +10,8 @@ temporary directory, as the tests do; never the machine's own) and measures:
    executions counted in the database;
 4. lease rows against advisory locks: one take-and-give-back of a key each way.
 
-Prints Markdown rows for ``docs/benchmarks.md``.
+Prints Markdown rows for ``docs/benchmarks.md``; exits 1 when a target is missed (with
+``--quick``, only the behaviour: one statement per hit, one execution).
 """
 
 from __future__ import annotations
@@ -198,7 +199,9 @@ def main() -> None:
     print(f"| lease row: acquire + fenced complete | {rows_us:.0f} µs |")
     print(f"| advisory lock: try-lock + unlock (no data, no fence) | {locks_us:.0f} µs |")
     print(f"| 8 processes x 100 callers of a cold key | executions per round: {execs} |")
-    if ratio < 0.5 or any(e != 1 for e in execs):
+    # --quick checks behaviour only (one statement per hit, one execution): its timings
+    # are too short to hold a shared machine to the rate target
+    if per_hit != 1.0 or any(e != 1 for e in execs) or (not args.quick and ratio < 0.5):
         sys.exit(1)
 
 
