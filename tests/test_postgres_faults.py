@@ -462,3 +462,55 @@ async def test_a_table_dropped_underneath_is_created_again(
         assert await a.get("k") == "v"  # gone with the table: run again, stored again
         assert load.calls == 2
     assert postgres_server.sql(f"SELECT count(*) FROM {pg_table}") == [(1,)]
+
+
+async def test_an_outage_longer_than_the_lease_fences_out_the_old_owner(
+    postgres_server: PostgresServer, pg_table: str
+) -> None:
+    """The database is down for longer than A's lease while A runs the key: when it is
+    back, A's lease has lapsed by the database's clock, B (which rode the outage out)
+    takes the key over and stores its value; A's load then returns, its own caller gets
+    its value, and its completion is refused: the newer value stands."""
+    started = anyio.Event()
+    finish = anyio.Event()
+
+    async def old_owner() -> Any:
+        started.set()
+        await finish.wait()
+        return "old owner"
+
+    a = PostgresStore(postgres_server.dsn, table=pg_table, lease=1.0)
+    b = PostgresStore(postgres_server.dsn, table=pg_table, lease=10.0, poll_interval=0.05)
+    outcomes: dict[str, Any] = {}
+    with capture_logs() as logs:
+        async with opened(a), opened(b), anyio.create_task_group() as tg:
+
+            async def in_a() -> None:
+                outcomes["a"] = await a.load("k", old_owner, background=False, force=False)
+
+            async def in_b() -> None:
+                outcomes["b"] = await b.load(
+                    "k", _value("new owner"), background=False, force=False
+                )
+
+            tg.start_soon(in_a)
+            await started.wait()
+            tg.start_soon(in_b)
+            await until(lambda: _true(bool(b._pg._signals)))
+            await anyio.to_thread.run_sync(postgres_server.stop)
+            # the lease lapses by the database's clock, which no one can ask while the
+            # server is down: the outage itself has to last that long
+            await anyio.sleep(1.5)
+            await anyio.to_thread.run_sync(postgres_server.start)
+            await until(lambda: _true("b" in outcomes))
+
+            async def a_knows() -> bool:
+                return any(e["event"] == "prefetch.store_lease_lost" for e in logs)
+
+            await until(a_knows)
+            finish.set()
+        async with opened(PostgresStore(postgres_server.dsn, table=pg_table)) as c:
+            entry = await c.lookup("k")
+    assert outcomes["b"].ran_here and outcomes["b"].value == "new owner"
+    assert outcomes["a"].value == "old owner"  # its own caller still gets its value
+    assert entry is not None and entry.value == "new owner"  # never stored over the newer
