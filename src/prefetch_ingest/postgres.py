@@ -90,6 +90,24 @@ def redact(dsn: str) -> str:
     return f"postgresql://{'' if user is None else str(user) + '@'}{host}:{port}/{db}"
 
 
+_CONNECT_DEFAULTS: Final = {
+    "connect_timeout": 5,
+    # a connection cut without a reset (a partition, a dead host) is noticed in seconds,
+    # not after the system's two hours
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,
+}
+
+
+def _defaults(dsn: str) -> dict[str, Any]:
+    """The store's connection settings that the DSN does not set itself."""
+    given = conninfo_to_dict(dsn)
+    return {k: v for k, v in _CONNECT_DEFAULTS.items() if k not in given}
+
+
 def _require_asyncio() -> None:
     try:
         asyncio.get_running_loop()
@@ -329,7 +347,7 @@ class _Pool:
 
     def __init__(self, conninfo: str, size: int, timeout: float) -> None:
         self.conninfo = conninfo
-        self.kwargs: dict[str, Any] = {"autocommit": True, "connect_timeout": 5}
+        self.kwargs: dict[str, Any] = {"autocommit": True, **_defaults(conninfo)}
         self._size = size
         self._timeout = timeout
         self._slots = anyio.Semaphore(size)
@@ -638,7 +656,7 @@ class PostgresBackend:
         """How to connect the listener: as the pool connects (its conninfo may be a callable)."""
         if self._given is None:
             assert self._dsn is not None
-            return self._dsn, {"connect_timeout": 5, "autocommit": True}
+            return self._dsn, {**_defaults(self._dsn), "autocommit": True}
         info: Any = self._given.conninfo
         kwargs: Any = self._given.kwargs
         if callable(info):
@@ -695,8 +713,13 @@ class PostgresBackend:
     async def _sweep_loop(self) -> None:
         while True:
             await anyio.sleep(self._sweep_every)
-            with contextlib.suppress(*_PG_ERRORS):
+            try:
                 await self.sweep()
+            except Exception as exc:  # an outage waits for the next round; the odd is logged
+                if not isinstance(exc, _PG_ERRORS):
+                    _log.logger.warning(
+                        "prefetch.postgres_sweep_error", where=self._where, error=error_text(exc)
+                    )
 
 
 class PostgresStore(LeasedStore):
