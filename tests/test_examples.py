@@ -649,6 +649,42 @@ async def test_the_page_in_headless_chromium_ends_with_a_full_progress_bar(
     assert status["background_task"] is True
 
 
+@asyncio_only
+async def test_the_page_opened_on_a_run_shows_its_state_without_a_click(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    browser = _browser()
+    if browser is None:
+        _skip_or_fail("no Chromium installed (apt-get install -y chromium)")
+        return
+    app = make_app(sqlite_url)
+    with anyio.fail_after(120):
+        async with under_uvicorn(app) as base:
+            async with httpx.AsyncClient(base_url=base) as client:
+                await client.post(run_path("p", "linked") + "/ingest")  # it ran, before the page
+            done = await anyio.run_process(
+                [
+                    browser,
+                    "--headless",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--no-first-run",
+                    "--disable-background-networking",
+                    f"--user-data-dir={tmp_path / 'profile'}",
+                    "--virtual-time-budget=30000",
+                    "--dump-dom",
+                    f"{base}/?project=p&run=linked",
+                ],
+                check=False,
+            )
+    dom = done.stdout.decode()
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    # completed by a click: no "found in the database" (that is for stats with no run)
+    assert '<output id="state">completed</output>' in dom, dom[-2000:]
+    assert 'data-stats="loaded"' in dom
+    assert app.state.pipeline.runs == 1  # opening the page started nothing
+
+
 # -- the scripts ----------------------------------------------------------------------------
 
 
