@@ -531,8 +531,12 @@ class LeasedStore:
                 fence_set = fence_var.set(mine.fence)
                 try:
                     value = await run()
-                except cancelled_exc:
-                    raise
+                except cancelled_exc as exc:
+                    if anyio.current_effective_deadline() == -math.inf:
+                        raise  # a scope around us was cancelled: this run is being ended
+                    # no scope of ours was cancelled: the load raised it on its own,
+                    # which is its failure (as with no store), recorded like any other
+                    failure = exc
                 except BaseException as exc:  # recorded, then re-raised as itself
                     failure = exc
                 finally:
