@@ -196,6 +196,7 @@ class LeasedStore:
         self._owned: dict[str, _Owned] = {}
         self._reads: dict[str, _SharedRead] = {}
         # digest -> (until when a value seen here is fresh (monotonic), its completion time)
+        # digest -> (fresh until, completed at), by this process's monotonic clock
         self._fresh: dict[str, tuple[float, float]] = {}
         self._down_at = -math.inf  # when an operation last failed (monotonic)
         self._limiter = _Limiter()
@@ -737,10 +738,11 @@ class LeasedStore:
         seen = self._fresh.get(self._digest(key))
         if seen is None:
             return "load"
-        until, completed_at = seen
-        if time.monotonic() >= until:
+        until, completed = seen
+        now = time.monotonic()
+        if now >= until:
             return "load"
-        if time.time() - completed_at >= refresh_after:
+        if now - completed >= refresh_after:
             return "reload"
         return "no"
 
@@ -767,8 +769,18 @@ class LeasedStore:
         fresh = self._fresh
         if len(fresh) >= _DIGESTS_KEPT:
             fresh.clear()
-        left = math.inf if o.expires_at is None else o.expires_at - time.time()
-        fresh[digest] = (time.monotonic() + left, o.completed_at)
+        # The times are the writer's wall clock. A completion "in the future" is a
+        # writer whose clock runs ahead: its age (and so the time left) is unknown
+        # here, so nothing is assumed (the next prefetch asks the store). A writer
+        # whose clock lags makes a value look older than it is: a round trip more.
+        wall = time.time()
+        age = wall - o.completed_at
+        if age < 0.0:
+            fresh.pop(digest, None)
+            return
+        left = math.inf if o.expires_at is None else o.expires_at - wall
+        now = time.monotonic()
+        fresh[digest] = (now + left, now - age)
 
     async def invalidate(self, key: Hashable) -> bool:
         """Forget the key's outcome and detach its run (whichever instance runs it)."""
