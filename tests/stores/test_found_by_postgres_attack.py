@@ -15,7 +15,7 @@ import pytest
 
 import prefetch_ingest.engine.prefetcher as engine_module
 import prefetch_ingest.stores.lease as lease_module
-from prefetch_ingest import Prefetcher, Status
+from prefetch_ingest import Prefetcher, Status, StoreError
 from prefetch_ingest.stores.memory import MemoryServer, MemoryStore
 from tests.stores.test_attack_shared import following, until
 
@@ -137,3 +137,45 @@ async def test_the_writers_wall_clock_does_not_stretch_failure_ttl_elsewhere(
         await anyio.sleep(0.5)  # failure_ttl passes (by every clock but A's)
         with anyio.fail_after(5):
             assert await b.get("k") == "second"
+
+
+async def test_a_partition_is_a_store_error_not_a_hang() -> None:
+    """A server that answers nothing (a partition: the connection stays open, no byte
+    comes back): a get raises StoreError within lease / 3, it does not hang."""
+    server = MemoryServer()
+
+    async def load(key: Any) -> str:
+        return "v"
+
+    async with Prefetcher(load, store=MemoryStore(server, lease=0.6)) as pf:
+        assert await pf.get("warm") == "v"
+        server.stall()
+        try:
+            with anyio.fail_after(5):
+                with pytest.raises(StoreError):
+                    await pf.get("warm")  # the hit's read
+                with pytest.raises(StoreError):
+                    await pf.get("cold")  # the read, then the acquire
+        finally:
+            server.resume()
+        assert await pf.get("cold") == "v"  # the store answers again: used again
+
+
+async def test_a_partition_with_fallback_local_serves_locally() -> None:
+    server = MemoryServer()
+    calls = 0
+
+    async def load(key: Any) -> str:
+        nonlocal calls
+        calls += 1
+        return "v"
+
+    async with Prefetcher(load, store=MemoryStore(server, lease=0.6, fallback="local")) as pf:
+        server.stall()
+        try:
+            with anyio.fail_after(5):
+                assert await pf.get("k") == "v"
+                assert await pf.get("k") == "v"  # kept locally during the outage
+        finally:
+            server.resume()
+    assert calls == 1

@@ -173,6 +173,8 @@ class LeasedStore:
     ) -> None:
         self._backend = backend
         self._lease = check_duration("lease", lease, allow_zero=False)
+        # how long one operation may go unanswered before it counts as an outage
+        self._op_timeout = max(self._lease / 3, 0.05)
         if codec is None:
             codec = JSONCodec()
         elif not isinstance(codec, Codec):
@@ -316,12 +318,14 @@ class LeasedStore:
         try:
             try:
                 with shared.scope:  # cancelled by aclose: no read outlives the store
-                    read = await self._backend.read(digest, outcome_only=for_get)
+                    # bounded: a server that does not answer (a partition) is an outage
+                    with anyio.fail_after(self._op_timeout):
+                        read = await self._backend.read(digest, outcome_only=for_get)
                 if shared.scope.cancelled_caught:
                     closed = PrefetcherClosed("the store was closed while this lookup waited")
                     shared.answer = closed
                     raise closed
-            except self._errors as exc:
+            except (*self._errors, TimeoutError) as exc:  # type: ignore[misc]
                 if self._fallback is None:
                     error = self._unavailable("read", exc, key)
                     error.__cause__ = exc
@@ -427,20 +431,23 @@ class LeasedStore:
             try:
                 if accept and wanted is not None and not wanted():
                     # nobody demands this load: look, but never take the key over
-                    got = Acquired(None, await backend.read(digest))
+                    with anyio.fail_after(self._op_timeout):
+                        got = Acquired(None, await backend.read(digest))
                     if got.read.run is None and not _ends_with(got.read, accept, force):
                         raise _abandoned(key)
                 else:
                     try:
-                        got = await backend.acquire(
-                            digest, me, self._lease, force=force, accept=frozenset(accept)
-                        )
+                        with anyio.fail_after(self._op_timeout):
+                            got = await backend.acquire(
+                                digest, me, self._lease, force=force, accept=frozenset(accept)
+                            )
                     except BaseException:
-                        # cancelled (or failed) while the acquire was on its way: it may
-                        # have landed, so the lease is handed back (compare-and-delete)
+                        # cancelled (or failed, or unanswered) while the acquire was on its
+                        # way: it may have landed, so the lease is handed back
+                        # (compare-and-delete)
                         await self._release(key, digest, me.token)
                         raise
-            except self._errors as exc:
+            except (*self._errors, TimeoutError) as exc:  # type: ignore[misc]
                 if anyio.current_time() < live_until:
                     # another instance holds a live lease: ride the outage out
                     self._down("follow", exc, key)
@@ -624,11 +631,11 @@ class LeasedStore:
         while True:
             try:
                 # bounded: a server that does not answer must not hold the value back
-                with anyio.fail_after(max(self._lease / 3, 0.05)):
+                with anyio.fail_after(self._op_timeout):
                     answer = await self._backend.complete(digest, outcome, self._ttl)
                 if answer is Completion.LOST and attempted:
                     # an earlier attempt may have landed before its answer was lost
-                    with anyio.fail_after(max(self._lease / 3, 0.05)):
+                    with anyio.fail_after(self._op_timeout):
                         there = (await self._backend.read(digest)).outcome
                     if there is not None and there.token == outcome.token:
                         answer = Completion.WRITTEN
