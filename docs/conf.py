@@ -38,3 +38,40 @@ myst_heading_anchors = 3
 
 html_theme = "alabaster"
 html_title = "prefetch_ingest"
+
+
+def _attrs_signature(app, what, name, obj, options, signature, return_annotation):  # type: ignore[no-untyped-def]
+    """attrs classes: the real defaults in the signature.
+
+    With ``autodoc_preserve_defaults`` Sphinx copies the source of the generated
+    ``__init__``, where a default reads ``attr_dict['started_at'].default``.
+    """
+    import attrs
+
+    if what not in ("class", "exception") or not attrs.has(obj):
+        return None
+    params = []
+    for field in attrs.fields(obj):
+        if not field.init:
+            continue
+        default = field.default
+        if default is attrs.NOTHING:
+            shown = field.alias or field.name
+        elif isinstance(default, attrs.Factory):  # type: ignore[arg-type]
+            made = default.factory
+            shown = f"{field.alias or field.name}={getattr(made, '__name__', 'factory')}()"
+        else:
+            shown = f"{field.alias or field.name}={default!r}"
+        params.append((field.kw_only, shown))
+    parts: list[str] = []
+    star = False
+    for kw_only, shown in params:
+        if kw_only and not star:
+            parts.append("*")
+            star = True
+        parts.append(shown)
+    return f"({', '.join(parts)})", return_annotation
+
+
+def setup(app):  # type: ignore[no-untyped-def]
+    app.connect("autodoc-process-signature", _attrs_signature)

@@ -259,6 +259,7 @@ def no_leaks(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
     request.node.stash[_PREFETCHERS] = created
     original = Prefetcher.__init__
 
+    @functools.wraps(original)
     def recording_init(self: Prefetcher[Any, Any], *args: Any, **kwargs: Any) -> None:
         original(self, *args, **kwargs)
         created.append(self)

@@ -73,6 +73,25 @@ def test_demo_summary_matches_the_simulated_durations() -> None:
     )
     assert "time saved: 150.0 s of 360.0 s (42%)" in lines
     assert "hit ratio: 67% (1 hit, 1 joined, 1 ran, of 3 clicks)" in lines
+    assert "hits alone: 33% (1 of 3 clicks found the ingest finished)" in lines
+
+
+def test_every_column_and_figure_of_the_summary_is_explained_on_screen() -> None:
+    _, text = _run_on_mock_clock(DemoConfig())
+    legend = text[text.index("What the figures mean") :]
+    for named in (
+        "served",
+        "hit =",
+        "joined =",
+        "ran =",
+        "wait with prefetch",
+        "wait without",
+        "time saved",
+        "hit ratio",
+        "hits alone",
+        "unclaimed, wasted",
+    ):
+        assert named in legend, named
 
 
 def test_demo_summary_scales_with_the_ingest_duration_option() -> None:

@@ -19,11 +19,13 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import sqlite3
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -647,6 +649,42 @@ async def test_the_page_in_headless_chromium_ends_with_a_full_progress_bar(
     assert status["background_task"] is True
 
 
+@asyncio_only
+async def test_the_page_opened_on_a_run_shows_its_state_without_a_click(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    browser = _browser()
+    if browser is None:
+        _skip_or_fail("no Chromium installed (apt-get install -y chromium)")
+        return
+    app = make_app(sqlite_url)
+    with anyio.fail_after(120):
+        async with under_uvicorn(app) as base:
+            async with httpx.AsyncClient(base_url=base) as client:
+                await client.post(run_path("p", "linked") + "/ingest")  # it ran, before the page
+            done = await anyio.run_process(
+                [
+                    browser,
+                    "--headless",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--no-first-run",
+                    "--disable-background-networking",
+                    f"--user-data-dir={tmp_path / 'profile'}",
+                    "--virtual-time-budget=30000",
+                    "--dump-dom",
+                    f"{base}/?project=p&run=linked",
+                ],
+                check=False,
+            )
+    dom = done.stdout.decode()
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    # completed by a click: no "found in the database" (that is for stats with no run)
+    assert '<output id="state">completed</output>' in dom, dom[-2000:]
+    assert 'data-stats="loaded"' in dom
+    assert app.state.pipeline.runs == 1  # opening the page started nothing
+
+
 # -- the scripts ----------------------------------------------------------------------------
 
 
@@ -735,8 +773,10 @@ async def _stats_of_every_worker(workers: ServiceWorkers) -> dict[int, dict[str,
     for pid in workers.pids:
         async with pinned(workers.base, pid) as client:
             response = await client.get("/stats")
-        assert worker_of(response) == pid
+            scraped = await client.get("/metrics")
+        assert worker_of(response) == pid and worker_of(scraped) == pid
         stats[pid] = response.json()
+        stats[pid]["metrics"] = _scrape(scraped.text)
     return stats
 
 
@@ -820,6 +860,12 @@ async def test_two_workers_on_redis_report_one_run_and_run_it_once(
     assert {pid: s["pipeline_runs"] for pid, s in stats.items()} == {owner: 1, other: 0}
     assert {s["store"] for s in stats.values()} == {"redis"}
     assert stats[owner]["prefetches"] == 1 and stats[other]["prefetches"] == 0
+    # each worker's /metrics (a Prometheus scrape) says what its /stats says
+    name = (("prefetch_name", "ingest"),)
+    for s in stats.values():
+        for field in ("hits", "joins", "misses", "load_successes"):
+            assert s["metrics"][(f"prefetch_{field}_total", name)] == s[field], field
+    assert sum(s["metrics"][("prefetch_load_successes_total", name)] for s in stats.values()) == 1
     with contextlib.closing(sqlite3.connect(tmp_path / "stats.sqlite3")) as db:
         rows = db.execute("SELECT project_id, run_id, stats FROM ingest_stats").fetchall()
     assert [(p, r, json.loads(s)) for p, r, s in rows] == [("p", "shared-1", final)]
@@ -903,3 +949,134 @@ async def test_the_page_in_headless_chromium_follows_a_run_across_two_workers(
     assert {pid: s["pipeline_runs"] for pid, s in stats.items()} == {
         pid: int(pid == owner) for pid in redis_workers.pids
     }
+
+
+# -- shutdown under uvicorn's SIGTERM, and the metrics it serves -------------------------------
+
+
+def _serve_alone(tmp_path: Path, **env: str) -> ServiceWorkers:
+    """The example under ``uvicorn`` (one process, the in-memory store), started."""
+    environment = {
+        **{k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "POSTGRES_URL")},
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'stats.sqlite3'}",
+        # uvicorn ends by re-raising SIGTERM: a buffered stdout would lose the last logs
+        "PYTHONUNBUFFERED": "1",
+        **env,
+    }
+    service_workers = ServiceWorkers(environment, tmp_path / "uvicorn.log", workers=1)
+    service_workers.start()
+    return service_workers
+
+
+async def _sigterm_mid_run(service_workers: ServiceWorkers, path: str) -> tuple[int, float]:
+    """Start a background ingest, wait until it has made progress, SIGTERM uvicorn;
+    (its exit code, seconds from the signal to the exit)."""
+    async with httpx.AsyncClient(base_url=service_workers.base) as client:
+        assert (await client.post(path + "/query")).json()["ingest_started"] is True
+        with anyio.fail_after(30):
+            while True:
+                state = (await client.get(path + "/ingest/status")).json()
+                if state["progress"] is not None and state["progress"]["done"] >= 1:
+                    break
+                await anyio.sleep(0.05)  # the next poll
+    process = service_workers.process
+    assert process is not None
+    signalled = time.monotonic()
+    process.terminate()  # what a process manager (systemd, Kubernetes) sends
+    rc = await anyio.to_thread.run_sync(lambda: process.wait(timeout=60))
+    return rc, time.monotonic() - signalled
+
+
+def _stored_runs(tmp_path: Path) -> list[tuple[str, str]]:
+    with contextlib.closing(sqlite3.connect(tmp_path / "stats.sqlite3")) as db:
+        return db.execute("SELECT project_id, run_id FROM ingest_stats").fetchall()
+
+
+@pytest.mark.slow
+@asyncio_only
+async def test_sigterm_lets_a_run_finish_within_shutdown_grace_and_it_is_stored(
+    tmp_path: Path,
+) -> None:
+    # 10 steps of 0.2 s: the run has about 1.8 s left at the signal; the grace is 30 s
+    service_workers = _serve_alone(tmp_path, SHUTDOWN_GRACE="30", INGEST_STEP_SECONDS="0.2")
+    try:
+        rc, took = await _sigterm_mid_run(service_workers, run_path("p", "graceful"))
+    finally:
+        service_workers.stop()
+    # uvicorn ends a graceful shutdown by re-raising the signal (exit status -15)
+    assert rc in (0, -signal.SIGTERM), service_workers.log_tail()
+    assert "Application shutdown complete" in service_workers.log_tail()
+    assert _stored_runs(tmp_path) == [("p", "graceful")]
+    assert took < 30  # it left as soon as the run ended, not at the end of the grace
+    log = service_workers.log_tail(1_000_000)
+    assert "Traceback" not in log, log[-4000:]
+
+
+@pytest.mark.slow
+@asyncio_only
+async def test_sigterm_without_grace_cancels_the_run_and_stores_nothing(tmp_path: Path) -> None:
+    service_workers = _serve_alone(tmp_path, SHUTDOWN_GRACE="0", INGEST_STEP_SECONDS="0.2")
+    try:
+        rc, _took = await _sigterm_mid_run(service_workers, run_path("p", "cut"))
+    finally:
+        service_workers.stop()
+    assert rc in (0, -signal.SIGTERM), service_workers.log_tail()
+    assert "Application shutdown complete" in service_workers.log_tail()
+    assert _stored_runs(tmp_path) == []  # cancelled at once: its stats were never written
+    log = service_workers.log_tail(1_000_000)
+    assert "Traceback" not in log, log[-4000:]
+
+
+def _scrape(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Prometheus text → {(sample name, labels without otel_*): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (s.name, tuple(sorted((k, v) for k, v in s.labels.items() if not k.startswith("otel_")))): (
+            s.value
+        )
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+@asyncio_only
+async def test_metrics_serve_the_workers_counters_to_a_prometheus_scrape(sqlite_url: str) -> None:
+    app = make_app(sqlite_url)
+    name = (("prefetch_name", "ingest"),)
+    with anyio.fail_after(60):
+        async with under_uvicorn(app) as base, httpx.AsyncClient(base_url=base) as client:
+            await client.post(run_path("p", "m") + "/ingest")  # ran
+            await client.post(run_path("p", "m") + "/ingest")  # a hit
+            scraped = await client.get("/metrics")
+            stats = (await client.get("/stats")).json()
+    assert scraped.status_code == 200
+    assert scraped.headers["content-type"].startswith("text/plain")
+    samples = _scrape(scraped.text)
+    assert samples[("prefetch_hits_total", name)] == stats["hits"] == 1
+    assert samples[("prefetch_misses_total", name)] == stats["misses"] == 1
+    assert samples[("prefetch_load_successes_total", name)] == 1
+    success = (("outcome", "success"), *name)
+    assert samples[("prefetch_load_duration_seconds_count", success)] == 1
+
+
+async def test_the_store_comes_from_one_environment_variable_each(
+    monkeypatch: pytest.MonkeyPatch, sqlite_url: str
+) -> None:
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    monkeypatch.delenv("POSTGRES_URL", raising=False)
+    assert service.open_store() is None  # in memory, the default
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")
+    assert type(service.open_store()).__name__ == "RedisStore"
+    monkeypatch.setenv("POSTGRES_URL", "postgresql://127.0.0.1:1/db")
+    with pytest.raises(ValueError, match="REDIS_URL or POSTGRES_URL, not both"):
+        service.open_store()
+    monkeypatch.setenv("REDIS_URL", "")
+    assert type(service.open_store()).__name__ == "PostgresStore"
+    monkeypatch.delenv("REDIS_URL")
+    monkeypatch.delenv("POSTGRES_URL")
+    monkeypatch.setenv("SHUTDOWN_GRACE", "soon")
+    app = service.create_app(sqlite_url)
+    with pytest.raises(ValueError, match="SHUTDOWN_GRACE must be a number of seconds"):
+        async with app.router.lifespan_context(app):
+            pass

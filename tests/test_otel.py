@@ -81,3 +81,44 @@ async def test_two_prefetchers_report_apart_by_name() -> None:
 def test_instrument_refuses_what_is_not_a_prefetcher() -> None:
     with pytest.raises(TypeError, match="pf"):
         instrument(object())  # type: ignore[arg-type]
+
+
+async def test_a_prometheus_scrape_reads_the_counters_and_the_histogram() -> None:
+    """Through the Prometheus exporter: its reader, a registry, the text exposition a
+    Prometheus server scrapes (what a /metrics endpoint serves: the example's test
+    scrapes it over HTTP), parsed by prometheus_client's parser."""
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    registry = CollectorRegistry()
+    reader = PrometheusMetricReader(registry=registry)
+    provider = MeterProvider(metric_readers=[reader])
+
+    async def load(key: Hashable) -> str:
+        return "v"
+
+    async with Prefetcher(load, name="ingest") as pf:
+        instrument(pf, meter_provider=provider)
+        await pf.get("k")
+        await pf.get("k")
+        await pf.get("j")
+        scraped = generate_latest(registry).decode()
+    provider.shutdown()
+    samples = {
+        (
+            s.name,
+            tuple(sorted((k, v) for k, v in s.labels.items() if not k.startswith("otel_"))),
+        ): s.value
+        for family in text_string_to_metric_families(scraped)
+        for s in family.samples
+    }
+    name = (("prefetch_name", "ingest"),)
+    assert samples[("prefetch_hits_total", name)] == 1
+    assert samples[("prefetch_misses_total", name)] == 2
+    assert samples[("prefetch_load_successes_total", name)] == 2
+    success = (("outcome", "success"), ("prefetch_name", "ingest"))
+    assert samples[("prefetch_load_duration_seconds_count", success)] == 2
+    # buckets in seconds: both loads (instant) are in the first, sub-second bucket
+    first = (("le", "0.005"), *success)
+    assert samples[("prefetch_load_duration_seconds_bucket", first)] == 2

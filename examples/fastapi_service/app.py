@@ -18,11 +18,25 @@ reads them back when the process knows nothing of a run (after a restart,
 say): SQLite by default, PostgreSQL when ``DATABASE_URL`` is a
 ``postgresql://`` URL. Run ids starting with ``fail`` fail, to show a failure.
 
-The runs are held in the process (the in-memory store) unless ``REDIS_URL`` is
-set: then every worker's Prefetcher uses ``RedisStore(REDIS_URL)``, so that
-several worker processes (``--workers 2``) share the runs: a run started by
-one worker is followed, joined and served by every other. Each response
-carries the ``X-Worker-Pid`` header of the worker that answered.
+Where the runs are shared, one environment variable each (a URL):
+
+- neither set: in memory, in each worker (the default);
+- ``REDIS_URL=redis://...`` (or ``redis+sentinel://``, ``redis+cluster://``):
+  every worker's Prefetcher uses ``RedisStore(REDIS_URL)``;
+- ``POSTGRES_URL=postgresql://...``: ``PostgresStore(POSTGRES_URL)`` (it may
+  be the database of ``DATABASE_URL``: no other server to run).
+
+With a shared store, several worker processes (``--workers 2``) and replicas
+share the runs: a run started by one worker is followed, joined and served by
+every other. Each response carries the ``X-Worker-Pid`` header of the worker
+that answered.
+
+``GET /metrics`` is the Prometheus text exposition of this worker's
+Prefetcher (every ``Stats`` field and a histogram of load durations, through
+``prefetch_ingest.otel`` and the OpenTelemetry Prometheus exporter).
+``SHUTDOWN_GRACE`` (seconds, default 10) is how long a shutdown (uvicorn's
+SIGTERM) lets running ingests finish and be stored before they are cancelled;
+``INGEST_STEP_SECONDS`` (default 0.5) is the simulated ingest's step (10 steps).
 
 Run it with ``python examples/fastapi_service/app.py`` and open
 http://127.0.0.1:8000/; with Redis and two workers, from the repository root::
@@ -46,7 +60,13 @@ import anyio
 from fastapi import FastAPI, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import (
+    FileResponse,
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
 from pydantic import BaseModel, ConfigDict
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -54,7 +74,7 @@ from prefetch_ingest import PrefetcherClosed, report_progress
 from prefetch_ingest.ingest import IngestPipeline, IngestPrefetcher
 
 if TYPE_CHECKING:
-    from prefetch_ingest.redis import RedisStore
+    from prefetch_ingest import SharedStore
 
 HERE = Path(__file__).resolve().parent
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
@@ -221,18 +241,74 @@ class SimulatedPipeline:
 # -- the web application -----------------------------------------------------------
 
 
-def open_store(url: str | None) -> RedisStore | None:
-    """The Prefetcher's store: ``RedisStore(url)`` for a Redis URL; None (in memory) otherwise.
+STORE_VARIABLES = ("REDIS_URL", "POSTGRES_URL")
+"""The environment variables that choose a shared store (at most one may be set)."""
 
-    ``url`` None reads ``REDIS_URL``; unset or empty keeps the runs in this process.
+
+def open_store(redis_url: str | None = None, postgres_url: str | None = None) -> SharedStore | None:
+    """The Prefetcher's store: ``RedisStore`` for a Redis URL, ``PostgresStore`` for a
+    PostgreSQL one; None (the runs kept in this process) when neither is given.
+
+    An argument left None reads its environment variable (``REDIS_URL``,
+    ``POSTGRES_URL``); unset or empty means "not this one". Both at once is an error.
     """
-    if url is None:
-        url = os.environ.get("REDIS_URL")
-    if not url:
-        return None
-    from prefetch_ingest.redis import RedisStore  # needs the 'redis' extra
+    if redis_url is None:
+        redis_url = os.environ.get("REDIS_URL")
+    if postgres_url is None:
+        postgres_url = os.environ.get("POSTGRES_URL")
+    if redis_url and postgres_url:
+        raise ValueError("set REDIS_URL or POSTGRES_URL, not both: the runs live in one store")
+    if redis_url:
+        from prefetch_ingest.redis import RedisStore  # needs the 'redis' extra
 
-    return RedisStore(url)
+        return RedisStore(redis_url)
+    if postgres_url:
+        from prefetch_ingest.postgres import (  # type: ignore[import-not-found,unused-ignore]
+            PostgresStore,  # needs the 'postgres' extra
+        )
+
+        store: SharedStore = PostgresStore(postgres_url)
+        return store
+    return None
+
+
+def _seconds(variable: str, default: float) -> float:
+    text = os.environ.get(variable, "")
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{variable} must be a number of seconds, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"{variable} must be a finite number of seconds >= 0, got {text!r}")
+    return value
+
+
+class Metrics:
+    """This worker's Prefetcher as Prometheus text: OpenTelemetry's SDK with the
+    Prometheus exporter's reader on a registry of its own (not the process-global one)."""
+
+    def __init__(self, prefetcher: Any) -> None:
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+        from opentelemetry.sdk.metrics import MeterProvider
+        from prometheus_client import CollectorRegistry
+
+        from prefetch_ingest.otel import instrument
+
+        self.registry = CollectorRegistry()
+        self.provider = MeterProvider(
+            metric_readers=[PrometheusMetricReader(registry=self.registry)]
+        )
+        instrument(prefetcher, meter_provider=self.provider)
+
+    def scrape(self) -> tuple[bytes, str]:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    def aclose(self) -> None:
+        self.provider.shutdown()
 
 
 class WorkerPidHeader:
@@ -263,6 +339,14 @@ class IngestBody(BaseModel):
     force_refresh: bool = False
 
 
+def _metrics_for(prefetcher: Any) -> Metrics | None:
+    """Metrics when the SDK and the Prometheus exporter are installed, else None."""
+    try:
+        return Metrics(prefetcher)
+    except ImportError:
+        return None
+
+
 def _error(status_code: int, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"error": message, **extra}, status_code=status_code)
 
@@ -276,6 +360,7 @@ def create_app(
     database_url: str | None = None,
     *,
     redis_url: str | None = None,
+    postgres_url: str | None = None,
     pipeline_factory: Callable[[StatsDB], IngestPipeline] | None = None,
     query_seconds: float = 0.3,
 ) -> FastAPI:
@@ -284,9 +369,9 @@ def create_app(
     Args:
         database_url: where stats are persisted (see :func:`open_stats_db`);
             None reads ``DATABASE_URL`` when the app starts.
-        redis_url: the shared store's Redis (see :func:`open_store`); None
-            reads ``REDIS_URL`` when the app starts, and without it the runs
-            are kept in this process.
+        redis_url, postgres_url: the shared store (see :func:`open_store`);
+            None reads ``REDIS_URL`` / ``POSTGRES_URL`` when the app starts,
+            and without either the runs are kept in this process.
         pipeline_factory: builds the ingest from the database; the default is
             :class:`SimulatedPipeline`.
         query_seconds: how long the simulated Query takes.
@@ -294,22 +379,40 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        store = open_store(redis_url)
+        store = open_store(redis_url, postgres_url)
+        grace = _seconds("SHUTDOWN_GRACE", 10.0)
+        step = _seconds("INGEST_STEP_SECONDS", 0.5)
         db = await open_stats_db(database_url)
         try:
-            pipeline = (pipeline_factory or SimulatedPipeline)(db)
+            if pipeline_factory is None:
+                pipeline: IngestPipeline = SimulatedPipeline(db, step_seconds=step)
+            else:
+                pipeline = pipeline_factory(db)
             app.state.pipeline = pipeline
             app.state.db = db
-            app.state.store = "memory" if store is None else "redis"
+            app.state.store = (
+                "memory" if store is None else type(store).__name__.removesuffix("Store").lower()
+            )
             # Background ingests yield to demanded ones: at most 4 run at once
-            # (in each worker).
+            # (in each worker). On shutdown, running ingests get `grace` seconds
+            # to finish (and be stored) before they are cancelled.
             async with IngestPrefetcher(
-                pipeline, persisted_stats=db.load, max_concurrency=4, store=store
+                pipeline,
+                persisted_stats=db.load,
+                max_concurrency=4,
+                store=store,
+                shutdown_grace=grace,
+                name="ingest",
             ) as ingest:
                 app.state.ingest = ingest
-                yield
+                app.state.metrics = _metrics_for(ingest.prefetcher)
+                try:
+                    yield
+                finally:
+                    if app.state.metrics is not None:
+                        app.state.metrics.aclose()
         finally:
-            await db.aclose()
+            await db.aclose()  # after the Prefetcher: its ingests may still write
 
     app = FastAPI(title="prefetch_ingest example", lifespan=lifespan)
     app.add_middleware(WorkerPidHeader)
@@ -367,6 +470,19 @@ def create_app(
             "pipeline_runs": getattr(request.app.state.pipeline, "runs", None),
         }
 
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics(request: Request) -> Response:
+        # this worker's counters and load durations, for Prometheus (each worker
+        # serves its own: scrape every worker, and sum by prefetch_name)
+        exposition: Metrics | None = request.app.state.metrics
+        if exposition is None:
+            return PlainTextResponse(
+                "metrics need the SDK and the exporter: pip install 'prefetch-ingest[examples]'\n",
+                status_code=501,
+            )
+        body, content_type = exposition.scrape()
+        return Response(body, media_type=content_type)
+
     @app.get(RUN + "/ingest/status")
     async def status(request: Request, project_id: Id, run_id: Id) -> dict[str, Any]:
         return (await _ingest_of(request).status(project_id, run_id)).to_dict()
@@ -405,8 +521,9 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(
         description="Run the prefetch_ingest example service.",
-        epilog="Environment: REDIS_URL (share the runs between workers through Redis), "
-        "DATABASE_URL (where the stats are stored).",
+        epilog="Environment: REDIS_URL or POSTGRES_URL (share the runs between workers "
+        "through Redis or PostgreSQL), DATABASE_URL (where the stats are stored), "
+        "SHUTDOWN_GRACE (seconds running ingests get on shutdown, default 10).",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on")
@@ -414,7 +531,8 @@ def main() -> None:
         "--workers",
         type=int,
         default=1,
-        help="worker processes (default 1); set REDIS_URL so that they share the runs",
+        help="worker processes (default 1); set REDIS_URL or POSTGRES_URL so that they "
+        "share the runs",
     )
     args = parser.parse_args()
     if args.workers < 1:
@@ -422,9 +540,10 @@ def main() -> None:
     if args.workers == 1:
         uvicorn.run(app, host=args.host, port=args.port)
         return
-    if not os.environ.get("REDIS_URL"):
+    if not any(os.environ.get(v) for v in STORE_VARIABLES):
         print(
-            f"warning: {args.workers} workers without REDIS_URL: each worker keeps its own "
+            f"warning: {args.workers} workers without REDIS_URL or POSTGRES_URL: each "
+            "worker keeps its own "
             "runs (a run started by one is not seen by the others)",
             file=sys.stderr,
         )

@@ -502,6 +502,7 @@ def format_summary(summary: DemoSummary) -> list[str]:
     rule = "  ".join("-" * w for w in widths)
     share = summary.saved_s / summary.without_s if summary.without_s else 0.0
     calls = summary.hits + summary.joins + summary.misses
+    hits_alone = summary.hits / calls if calls else 0.0
     return [
         "Summary (simulated seconds)",
         line(header),
@@ -513,7 +514,25 @@ def format_summary(summary: DemoSummary) -> list[str]:
         f"time saved: {_secs(summary.saved_s)} of {_secs(summary.without_s)} ({share:.0%})",
         f"hit ratio: {summary.hit_ratio:.0%} ({summary.hits} hit, {summary.joins} joined, "
         f"{summary.misses} ran, of {calls} clicks)",
+        f"hits alone: {hits_alone:.0%} ({summary.hits} of {calls} clicks found the ingest "
+        "finished)",
         f"speculation: {summary.background_started} background ingest(s) started, "
         f"{summary.unclaimed} unclaimed (finished but never served to a click: "
         f"{_secs(summary.wasted_s)} of ingest nobody read)",
+        "",
+        "What the figures mean",
+        "  served              how the click was served: hit = the background ingest had",
+        "                      finished, its stats came at once; joined = it was running,",
+        "                      the click awaited that same run (no second one); ran = there",
+        "                      was nothing to use (it failed), so the click ran the ingest",
+        "                      itself, as before prefetching",
+        "  wait with prefetch  how long the click waited for its stats in this run",
+        "  wait without        how long the same click would have waited without",
+        "                      prefetching: a whole ingest, started by the click",
+        "  time saved          wait without minus wait with: what prefetching saved the user",
+        "  hit ratio           clicks served by a background run, finished (hit) or still",
+        "                      running (joined): a join also saves the time the run had",
+        "                      already spent; 'hits alone' counts only the finished ones",
+        "  unclaimed, wasted   background ingests that finished but no click ever read,",
+        "                      and their ingest time: the cost of prefetching for nothing",
     ]

@@ -39,6 +39,27 @@ from .engine import Prefetcher
 
 __all__ = ["instrument"]
 
+DURATION_BUCKETS: Final = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+)
+"""Bucket bounds of ``prefetch.load.duration`` in seconds: from a cache fill to an
+ingest of minutes."""
+
 _TOTALS: Final = {
     "hits": ("{call}", "calls served a completed value at once"),
     "joins": ("{call}", "calls that awaited a load already in flight"),
@@ -81,7 +102,12 @@ class _Instruments:
                 f"prefetch.{field}", callbacks=[self._reader(field)], unit=unit, description=text
             )
         self.durations = meter.create_histogram(
-            "prefetch.load.duration", unit="s", description="duration of the loads run here"
+            "prefetch.load.duration",
+            unit="s",
+            description="duration of the loads run here",
+            # the SDK's default buckets (0, 5, 10, 25 ... 10000) are made for
+            # milliseconds: every load of under 5 s would fall in one bucket
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
         )
 
     def _reader(self, field: str) -> Callable[[CallbackOptions], Iterable[Observation]]:

@@ -753,7 +753,9 @@ class Prefetcher(Generic[K, V]):
             if (
                 stored.status is _FAILED
                 and stored.completed_at is not None
-                and time.time() - stored.completed_at < self._failure_ttl
+                # an age by the writer's clock: one "in the future" (a writer whose
+                # clock runs ahead) is not trusted to extend failure_ttl
+                and 0.0 <= time.time() - stored.completed_at < self._failure_ttl
             ):
                 # within failure_ttl: the failure again, without running anything —
                 # the exception object itself where that very run ran (same token)

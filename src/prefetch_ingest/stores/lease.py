@@ -173,6 +173,8 @@ class LeasedStore:
     ) -> None:
         self._backend = backend
         self._lease = check_duration("lease", lease, allow_zero=False)
+        # how long one operation may go unanswered before it counts as an outage
+        self._op_timeout = max(self._lease / 3, 0.05)
         if codec is None:
             codec = JSONCodec()
         elif not isinstance(codec, Codec):
@@ -196,6 +198,7 @@ class LeasedStore:
         self._owned: dict[str, _Owned] = {}
         self._reads: dict[str, _SharedRead] = {}
         # digest -> (until when a value seen here is fresh (monotonic), its completion time)
+        # digest -> (fresh until, completed at), by this process's monotonic clock
         self._fresh: dict[str, tuple[float, float]] = {}
         self._down_at = -math.inf  # when an operation last failed (monotonic)
         self._limiter = _Limiter()
@@ -315,12 +318,14 @@ class LeasedStore:
         try:
             try:
                 with shared.scope:  # cancelled by aclose: no read outlives the store
-                    read = await self._backend.read(digest, outcome_only=for_get)
+                    # bounded: a server that does not answer (a partition) is an outage
+                    with anyio.fail_after(self._op_timeout):
+                        read = await self._backend.read(digest, outcome_only=for_get)
                 if shared.scope.cancelled_caught:
                     closed = PrefetcherClosed("the store was closed while this lookup waited")
                     shared.answer = closed
                     raise closed
-            except self._errors as exc:
+            except (*self._errors, TimeoutError) as exc:  # type: ignore[misc]
                 if self._fallback is None:
                     error = self._unavailable("read", exc, key)
                     error.__cause__ = exc
@@ -426,20 +431,23 @@ class LeasedStore:
             try:
                 if accept and wanted is not None and not wanted():
                     # nobody demands this load: look, but never take the key over
-                    got = Acquired(None, await backend.read(digest))
+                    with anyio.fail_after(self._op_timeout):
+                        got = Acquired(None, await backend.read(digest))
                     if got.read.run is None and not _ends_with(got.read, accept, force):
                         raise _abandoned(key)
                 else:
                     try:
-                        got = await backend.acquire(
-                            digest, me, self._lease, force=force, accept=frozenset(accept)
-                        )
+                        with anyio.fail_after(self._op_timeout):
+                            got = await backend.acquire(
+                                digest, me, self._lease, force=force, accept=frozenset(accept)
+                            )
                     except BaseException:
-                        # cancelled (or failed) while the acquire was on its way: it may
-                        # have landed, so the lease is handed back (compare-and-delete)
+                        # cancelled (or failed, or unanswered) while the acquire was on its
+                        # way: it may have landed, so the lease is handed back
+                        # (compare-and-delete)
                         await self._release(key, digest, me.token)
                         raise
-            except self._errors as exc:
+            except (*self._errors, TimeoutError) as exc:  # type: ignore[misc]
                 if anyio.current_time() < live_until:
                     # another instance holds a live lease: ride the outage out
                     self._down("follow", exc, key)
@@ -531,8 +539,12 @@ class LeasedStore:
                 fence_set = fence_var.set(mine.fence)
                 try:
                     value = await run()
-                except cancelled_exc:
-                    raise
+                except cancelled_exc as exc:
+                    if anyio.current_effective_deadline() == -math.inf:
+                        raise  # a scope around us was cancelled: this run is being ended
+                    # no scope of ours was cancelled: the load raised it on its own,
+                    # which is its failure (as with no store), recorded like any other
+                    failure = exc
                 except BaseException as exc:  # recorded, then re-raised as itself
                     failure = exc
                 finally:
@@ -619,11 +631,11 @@ class LeasedStore:
         while True:
             try:
                 # bounded: a server that does not answer must not hold the value back
-                with anyio.fail_after(max(self._lease / 3, 0.05)):
+                with anyio.fail_after(self._op_timeout):
                     answer = await self._backend.complete(digest, outcome, self._ttl)
                 if answer is Completion.LOST and attempted:
                     # an earlier attempt may have landed before its answer was lost
-                    with anyio.fail_after(max(self._lease / 3, 0.05)):
+                    with anyio.fail_after(self._op_timeout):
                         there = (await self._backend.read(digest)).outcome
                     if there is not None and there.token == outcome.token:
                         answer = Completion.WRITTEN
@@ -733,10 +745,11 @@ class LeasedStore:
         seen = self._fresh.get(self._digest(key))
         if seen is None:
             return "load"
-        until, completed_at = seen
-        if time.monotonic() >= until:
+        until, completed = seen
+        now = time.monotonic()
+        if now >= until:
             return "load"
-        if time.time() - completed_at >= refresh_after:
+        if now - completed >= refresh_after:
             return "reload"
         return "no"
 
@@ -763,8 +776,18 @@ class LeasedStore:
         fresh = self._fresh
         if len(fresh) >= _DIGESTS_KEPT:
             fresh.clear()
-        left = math.inf if o.expires_at is None else o.expires_at - time.time()
-        fresh[digest] = (time.monotonic() + left, o.completed_at)
+        # The times are the writer's wall clock. A completion "in the future" is a
+        # writer whose clock runs ahead: its age (and so the time left) is unknown
+        # here, so nothing is assumed (the next prefetch asks the store). A writer
+        # whose clock lags makes a value look older than it is: a round trip more.
+        wall = time.time()
+        age = wall - o.completed_at
+        if age < 0.0:
+            fresh.pop(digest, None)
+            return
+        left = math.inf if o.expires_at is None else o.expires_at - wall
+        now = time.monotonic()
+        fresh[digest] = (now + left, now - age)
 
     async def invalidate(self, key: Hashable) -> bool:
         """Forget the key's outcome and detach its run (whichever instance runs it)."""

@@ -63,6 +63,19 @@ class MemoryServer:
         self.listeners: set[MemoryBackend] = set()
         self.epoch_floor = 0  # fences handed out survive lose_everything()
         self.operations = 0
+        self._stall: anyio.Event | None = None
+
+    def stall(self) -> None:
+        """A partition: every operation from now on waits (no answer, no error) until
+        :meth:`resume`."""
+        if self._stall is None:
+            self._stall = anyio.Event()
+
+    def resume(self) -> None:
+        """End a :meth:`stall`: the operations that waited go on."""
+        stalled, self._stall = self._stall, None
+        if stalled is not None:
+            stalled.set()
 
     def lose_everything(self) -> None:
         """A restart with no persistence: every entry is gone (fences still grow)."""
@@ -158,6 +171,9 @@ class MemoryBackend:
 
     async def _op(self) -> None:
         await anyio.lowlevel.checkpoint()  # a round trip yields, as a network call would
+        stalled = self.server._stall
+        if stalled is not None:
+            await stalled.wait()
         self.server.check()
 
     async def read(self, digest: str, *, outcome_only: bool = False) -> Read:
