@@ -80,6 +80,7 @@ class ServiceWorkers:
         self.port = 0
         self.pids: tuple[int, ...] = ()
         self.process: subprocess.Popen[bytes] | None = None
+        self.store = "memory"  # which store the environment chooses (for the tests' checks)
 
     @property
     def base(self) -> str:

@@ -24,7 +24,6 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping, Sequence
@@ -36,6 +35,9 @@ import anyio
 import httpx
 import pytest
 
+from .postgres_server import PostgresServer, postgres_server
+
+__all__ = ["postgres_server"]  # the private cluster's fixture, used by postgres_admin_dsn
 from .redis_server import RedisServer, redis_server_fixture
 from .service_workers import PinningProxy, ServiceWorkers, pinned, worker_of
 
@@ -86,92 +88,11 @@ def _run_coroutine_in_thread(make: Callable[[], Coroutine[Any, Any, Any]]) -> An
         return pool.submit(lambda: asyncio.run(make())).result()
 
 
-async def _probe(dsn: str) -> str | None:
-    import asyncpg
-
-    try:
-        connection = await asyncpg.connect(dsn, timeout=5)
-    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-        return f"{type(exc).__name__}: {exc}"
-    await connection.close()
-    return None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@contextlib.contextmanager
-def _private_cluster() -> Iterator[str]:
-    """A throw-away PostgreSQL cluster on a free loopback port (initdb + pg_ctl)."""
-    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
-    if initdb is None or pg_ctl is None:
-        raise RuntimeError("initdb/pg_ctl are not on PATH")
-    base = Path(tempfile.mkdtemp(prefix="prefetch_ingest_pg_"))
-    data = base / "data"
-    as_user: list[str] = []
-    if os.geteuid() == 0:  # initdb refuses to run as root
-        shutil.chown(base, user="postgres")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    port = _free_port()
-    try:
-        subprocess.run(
-            [*as_user, initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
-        options = f"-p {port} -k {base} -c listen_addresses=127.0.0.1"
-        log = str(base / "log")
-        subprocess.run(
-            [*as_user, pg_ctl, "-D", str(data), "-o", options, "-l", log, "-w", "start"],
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
-        try:
-            yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
-        finally:
-            subprocess.run(
-                [*as_user, pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"],
-                check=False,
-                capture_output=True,
-                timeout=120,
-            )
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
-
-
 @pytest.fixture(scope="session")
-def postgres_admin_dsn() -> Iterator[str]:
-    """A PostgreSQL server to create test databases in.
-
-    ``PREFETCH_INGEST_TEST_POSTGRES`` names one; the default is the server at
-    127.0.0.1:5432; when that is unreachable, a private cluster is started.
-    """
-    dsn = os.environ.get(
-        "PREFETCH_INGEST_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
-    )
-    problem = _run_coroutine_in_thread(lambda: _probe(dsn))
-    if problem is None:
-        yield dsn
-        return
-    try:
-        cluster = _private_cluster()
-        private = cluster.__enter__()
-    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        _skip_or_fail(
-            f"no PostgreSQL: {dsn} is unreachable ({problem}) and a private cluster "
-            f"could not be started ({type(exc).__name__}: {exc})"
-        )
-        return
-    try:
-        yield private
-    finally:
-        cluster.__exit__(None, None, None)
+def postgres_admin_dsn(postgres_server: PostgresServer) -> str:
+    """The private PostgreSQL cluster of the session (``tests/postgres_server.py``), to
+    create test databases in: never the machine's own server."""
+    return postgres_server.dsn
 
 
 @pytest.fixture
@@ -721,19 +642,31 @@ def test_trio_example_follows_progress_and_survives_a_timeout() -> None:
 redis_server = redis_server_fixture()
 
 
-@pytest.fixture
-def redis_workers(redis_server: RedisServer, tmp_path: Path) -> Iterator[ServiceWorkers]:
-    """The example as documented: ``REDIS_URL=... uvicorn ...app:app --workers 2``.
+@pytest.fixture(
+    params=[
+        pytest.param("redis", marks=pytest.mark.redis),
+        pytest.param("postgres", marks=pytest.mark.postgres),
+    ]
+)
+def shared_workers(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ServiceWorkers]:
+    """The example as documented: ``REDIS_URL=... uvicorn ...app:app --workers 2``, or
+    ``POSTGRES_URL=...`` instead.
 
-    A private redis-server, the stats in a SQLite file both workers write; every
-    process is stopped by its PID at the end, also when the test failed.
+    A private redis-server, or a fresh database on the private PostgreSQL cluster; the
+    stats in a SQLite file both workers write; every process is stopped by its PID at
+    the end, also when the test failed. ``.store`` names the store.
     """
     env = {
-        **os.environ,
-        "REDIS_URL": redis_server.url,
+        **{k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "POSTGRES_URL")},
         "DATABASE_URL": f"sqlite:///{tmp_path / 'stats.sqlite3'}",
     }
+    if request.param == "redis":
+        server: RedisServer = request.getfixturevalue("redis_server")
+        env["REDIS_URL"] = server.url
+    else:
+        env["POSTGRES_URL"] = request.getfixturevalue("postgres_url")
     service_workers = ServiceWorkers(env, tmp_path / "uvicorn.log", workers=2)
+    service_workers.store = request.param
     service_workers.start()
     try:
         yield service_workers
@@ -780,19 +713,18 @@ async def _stats_of_every_worker(workers: ServiceWorkers) -> dict[int, dict[str,
     return stats
 
 
-@pytest.mark.redis
 @pytest.mark.slow
 @asyncio_only
-async def test_two_workers_on_redis_report_one_run_and_run_it_once(
-    redis_workers: ServiceWorkers, tmp_path: Path
+async def test_two_workers_on_a_shared_store_report_one_run_and_run_it_once(
+    shared_workers: ServiceWorkers, tmp_path: Path
 ) -> None:
-    base, path = redis_workers.base, run_path("p", "shared-1")
+    base, path = shared_workers.base, run_path("p", "shared-1")
     with anyio.fail_after(90):
         async with httpx.AsyncClient(base_url=base) as client:
             query = await client.post(path + "/query")  # whichever worker accepts
         assert query.json()["ingest_started"] is True
         owner = worker_of(query)
-        other = next(pid for pid in redis_workers.pids if pid != owner)
+        other = next(pid for pid in shared_workers.pids if pid != owner)
 
         streams: dict[int, list[dict[str, Any]]] = {}
         clicks: list[tuple[int, httpx.Response]] = []
@@ -840,7 +772,7 @@ async def test_two_workers_on_redis_report_one_run_and_run_it_once(
         clicks.clear()
         for pid in (owner, other, owner, other):  # Mapping again, after the run
             await click_on(pid)
-        stats = await _stats_of_every_worker(redis_workers)
+        stats = await _stats_of_every_worker(shared_workers)
 
     started_at = next(s["started_at"] for _, s in polled if s["status"] == "running")
     assert started_at is not None
@@ -858,7 +790,7 @@ async def test_two_workers_on_redis_report_one_run_and_run_it_once(
     assert all(r.json()["stats"] == final for _, r in joined + clicks)
     # one execution of the pipeline in all, by the worker that answered the Query
     assert {pid: s["pipeline_runs"] for pid, s in stats.items()} == {owner: 1, other: 0}
-    assert {s["store"] for s in stats.values()} == {"redis"}
+    assert {s["store"] for s in stats.values()} == {shared_workers.store}
     assert stats[owner]["prefetches"] == 1 and stats[other]["prefetches"] == 0
     # each worker's /metrics (a Prometheus scrape) says what its /stats says
     name = (("prefetch_name", "ingest"),)
@@ -871,11 +803,10 @@ async def test_two_workers_on_redis_report_one_run_and_run_it_once(
     assert [(p, r, json.loads(s)) for p, r, s in rows] == [("p", "shared-1", final)]
 
 
-@pytest.mark.redis
 @pytest.mark.slow
 @asyncio_only
 async def test_the_page_in_headless_chromium_follows_a_run_across_two_workers(
-    redis_workers: ServiceWorkers, tmp_path: Path
+    shared_workers: ServiceWorkers, tmp_path: Path
 ) -> None:
     browser = _browser()
     if browser is None:
@@ -884,7 +815,7 @@ async def test_the_page_in_headless_chromium_follows_a_run_across_two_workers(
     # In front of the workers, as nginx would be: each request to the next worker,
     # and each event stream cut after two events, so that the page reconnects it
     # (to the other worker) all along the run.
-    proxy = PinningProxy(redis_workers.base, redis_workers.pids, cut_streams_after=2)
+    proxy = PinningProxy(shared_workers.base, shared_workers.pids, cut_streams_after=2)
     with anyio.fail_after(120):
         async with under_uvicorn(proxy) as front:
             done = await anyio.run_process(
@@ -905,7 +836,7 @@ async def test_the_page_in_headless_chromium_follows_a_run_across_two_workers(
                 ],
                 check=False,
             )
-        stats = await _stats_of_every_worker(redis_workers)
+        stats = await _stats_of_every_worker(shared_workers)
     dom = done.stdout.decode()
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     assert '<progress id="bar" max="100" value="100">' in dom, dom[-2000:]
@@ -924,7 +855,8 @@ async def test_the_page_in_headless_chromium_follows_a_run_across_two_workers(
     mapping = json.loads(html.unescape(out[1]))
     assert mapping["source"] == "hit"
     assert set(mapping["stats"]) == {"papers", "authors", "llm_calls"}
-    assert 'data-stats="loaded"' in dom and '<output id="store">redis</output>' in dom
+    assert 'data-stats="loaded"' in dom
+    assert f'<output id="store">{shared_workers.store}</output>' in dom
 
     # what the page asked, and which worker answered
     query = next(x for x in proxy.exchanges if x.path.endswith("/query"))
@@ -939,7 +871,7 @@ async def test_the_page_in_headless_chromium_follows_a_run_across_two_workers(
         every_state += states
         if any(s["status"] == "running" and s["progress"] for s in states):
             running_on.add(stream.worker)
-    assert running_on == set(redis_workers.pids), [(x.worker, x.body) for x in streams]
+    assert running_on == set(shared_workers.pids), [(x.worker, x.body) for x in streams]
     started_at = next(s["started_at"] for s in every_state if s["status"] == "running")
     assert started_at is not None
     _check_one_run(every_state, started_at)
@@ -947,7 +879,7 @@ async def test_the_page_in_headless_chromium_follows_a_run_across_two_workers(
     assert json.loads(click.body) == mapping
     # one execution in all, by the worker that answered the Query
     assert {pid: s["pipeline_runs"] for pid, s in stats.items()} == {
-        pid: int(pid == owner) for pid in redis_workers.pids
+        pid: int(pid == owner) for pid in shared_workers.pids
     }
 
 

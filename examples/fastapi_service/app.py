@@ -263,9 +263,7 @@ def open_store(redis_url: str | None = None, postgres_url: str | None = None) ->
 
         return RedisStore(redis_url)
     if postgres_url:
-        from prefetch_ingest.postgres import (  # type: ignore[import-not-found,unused-ignore]
-            PostgresStore,  # needs the 'postgres' extra
-        )
+        from prefetch_ingest.postgres import PostgresStore  # needs the 'postgres' extra
 
         store: SharedStore = PostgresStore(postgres_url)
         return store
