@@ -41,7 +41,7 @@ SCENARIOS: dict[str, ScenarioFn] = {
     "sweep": sweep_cost,
     "mixed": mixed_workload,
 }
-ALL = [*SCENARIOS, "redis", "speculation"]
+ALL = [*SCENARIOS, "redis", "speculation", "postgres"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -86,6 +86,14 @@ async def _run(
 
             _say("speculation ...")
             results.append(await speculation(SPEC_QUICK if sizes is QUICK else SPEC_FULL, _say))
+            continue
+        if name == "postgres":
+            from ._postgres import postgres_scenario, skipped
+
+            if no_redis:  # --no-redis: no store scenario (they start servers)
+                results.append(skipped("--no-redis"))
+            else:
+                results.append(await postgres_scenario(sizes, _say))
             continue
         if name == "redis":
             from ._redis import redis_scenario
