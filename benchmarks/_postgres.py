@@ -33,9 +33,11 @@ def skipped(why: str) -> ScenarioResult:
 async def postgres_scenario(sizes: Sizes, say: Any) -> ScenarioResult:
     if not _binaries():
         return skipped("no initdb/pg_ctl (PostgreSQL's server binaries)")
+    from tests.postgres_server import PostgresServer
+
     from . import postgres as pg
 
-    server = pg.PostgresServer()
+    server = PostgresServer()
     await anyio.to_thread.run_sync(server.start)
     try:
         n = sizes.redis_hits
