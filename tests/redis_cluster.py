@@ -63,6 +63,9 @@ class ClusterNodeServer(RedisServer):
             # a replica with stale data still takes over (tests kill masters on purpose)
             "--cluster-replica-validity-factor",
             "0",
+            # a replica syncs at once (the default waits 5 s for more replicas to join)
+            "--repl-diskless-sync-delay",
+            "0",
         ]
 
     def info(self, section: str = "") -> dict[str, str]:
@@ -129,7 +132,8 @@ class Cluster:
         self.wait_ok()
 
     def wait_ok(self, timeout: float = _READY_TIMEOUT) -> None:
-        """Every live node sees the cluster as ok, and knows every node."""
+        """Every live node sees the cluster as ok and knows every node; every replica is
+        in sync with its master."""
         live = self.live()
 
         def ok() -> bool:
@@ -138,6 +142,9 @@ class Cluster:
                 if info.get("cluster_state") != "ok":
                     return False
                 if int(info.get("cluster_known_nodes", 0)) < len(self.nodes):
+                    return False
+                role = node.command("ROLE")
+                if role[0] == b"slave" and role[3] != b"connected":
                     return False
             return True
 

@@ -25,9 +25,11 @@ The store runs on asyncio only (``redis.asyncio``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
-from collections.abc import Callable
-from typing import Any, Final, Literal, cast
+import os
+from collections.abc import Callable, Coroutine
+from typing import Any, Final, Literal, ParamSpec, TypeVar, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import anyio
@@ -129,6 +131,41 @@ def redact(url: str) -> str:
 def _secret(name: str) -> bool:
     name = name.lower()
     return name in _SECRET_PARAMS or name.endswith("password")
+
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+_REDIS_PY_DIR: Final = os.path.dirname(_redis_package.__file__)
+
+
+def _guarded(
+    method: Callable[_P, Coroutine[Any, Any, _T]],
+) -> Callable[_P, Coroutine[Any, Any, _T]]:
+    """A primitive whose redis-py bugs count as Redis errors.
+
+    During a cluster failover, redis-py's asyncio client can fail inside itself on a
+    connection closed under it (seen: ``AttributeError: 'NoneType' object has no
+    attribute 'writelines'``). Such an error, raised from redis-py's own code, is a
+    connection error for the store (ridden out, retried, or a ``StoreError``), not a
+    failure of the caller's load."""
+
+    @functools.wraps(method)
+    async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        try:
+            return await method(*args, **kwargs)
+        except (AttributeError, KeyError, IndexError, TypeError) as exc:
+            tb = exc.__traceback__
+            while tb is not None and tb.tb_next is not None:
+                tb = tb.tb_next
+            if tb is None or not tb.tb_frame.f_code.co_filename.startswith(_REDIS_PY_DIR):
+                raise
+            raise RedisConnectionError(
+                f"redis-py failed inside itself ({type(exc).__name__}: {exc}); "
+                "taken as a lost connection"
+            ) from exc
+
+    return wrapper
 
 
 def _ms(seconds: float) -> int:
@@ -317,6 +354,7 @@ class RedisBackend:
 
     # -- the primitives ------------------------------------------------------------
 
+    @_guarded
     async def read(self, digest: str, *, outcome_only: bool = False) -> Read:
         client = self._live()
         names = self.names(digest)
@@ -366,6 +404,7 @@ class RedisBackend:
         failed = n if isinstance(n, Outcome) else None
         return Read(o, r, cancelled, failed)
 
+    @_guarded
     async def acquire(
         self, digest: str, run: Run, lease: float, *, force: bool, accept: frozenset[str]
     ) -> Acquired:
@@ -386,6 +425,7 @@ class RedisBackend:
             return Acquired(int(reply[1]))
         return Acquired(None, self._parse(digest, reply[1], reply[2], reply[3]))
 
+    @_guarded
     async def renew(self, digest: str, token: str, lease: float, progress: Progress | None) -> bool:
         self._live()
         ok = await self.scripts["renew"](
@@ -401,6 +441,7 @@ class RedisBackend:
         )
         return bool(ok)
 
+    @_guarded
     async def complete(self, digest: str, outcome: Outcome, keep: float | None) -> Completion:
         client = self._live()
         names = self.names(digest)
@@ -456,6 +497,7 @@ class RedisBackend:
             plain = self._node_clients[node.name] = aioredis.Redis.from_pool(pool)
         return plain
 
+    @_guarded
     async def release(self, digest: str, token: str) -> bool:
         self._live()
         n = await self.scripts["release"](
@@ -463,6 +505,7 @@ class RedisBackend:
         )
         return bool(n)
 
+    @_guarded
     async def invalidate(self, digest: str) -> bool:
         self._live()
         n = await self.scripts["invalidate"](
@@ -470,6 +513,7 @@ class RedisBackend:
         )
         return int(n) > 0
 
+    @_guarded
     async def cancel(self, digest: str, keep: float) -> str | None:
         self._live()
         token = await self.scripts["cancel"](
