@@ -277,6 +277,8 @@ class RedisBackend:
             "cancel": client.register_script(CANCEL),
         }
         await client.ping()
+        if isinstance(client, aioredis.Redis):
+            await self._check_not_a_cluster_node(client)
         await self._check_eviction_policy(client)
         await self._start_reader()  # notifications from the start (fresh marks, wake-ups)
 
@@ -304,6 +306,20 @@ class RedisBackend:
                 await client.aclose()
                 if sentinel is not None:
                     await sentinel.aclose()
+
+    async def _check_not_a_cluster_node(self, client: aioredis.Redis) -> None:
+        """A ``redis://`` URL (or a plain client) to one node of a Redis Cluster would fail
+        every key of another node's slots with ``MOVED``: refuse it at once, clearly."""
+        try:
+            info: dict[str, Any] = await client.info("cluster")
+        except _REDIS_ERRORS:  # INFO may be disabled: the first MOVED will tell
+            return
+        if str(info.get("cluster_enabled", "0")) == "1":
+            raise ValueError(
+                f"{self._where} is a node of a Redis Cluster: a plain client reaches only "
+                "that node's slots; use a redis+cluster://host:port[,host:port...] URL or "
+                "a redis.asyncio.RedisCluster client"
+            )
 
     async def _check_eviction_policy(self, client: Client) -> None:
         try:
