@@ -9,7 +9,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "reliability.md"
-FAULT_MODULES = ("test_bad_input.py", "test_soak.py", "test_redis_faults.py")
+FAULT_MODULES = (
+    "test_bad_input.py",
+    "test_soak.py",
+    "test_redis_faults.py",
+    "test_redis_failover.py",
+)
 _REF = re.compile(r"`((?:[a-z0-9_]+/)*test_[a-z0-9_]+\.py)::(test_[a-z0-9_]+)`")
 
 
