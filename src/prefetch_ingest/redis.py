@@ -278,7 +278,11 @@ class RedisBackend:
         }
         await client.ping()
         if isinstance(client, aioredis.Redis):
-            await self._check_not_a_cluster_node(client)
+            try:
+                await self._check_not_a_cluster_node(client)
+            except ValueError:
+                await self.aclose()  # the connection this store made, not the caller's
+                raise
         await self._check_eviction_policy(client)
         await self._start_reader()  # notifications from the start (fresh marks, wake-ups)
 
