@@ -484,11 +484,17 @@ class RedisBackend:
             answer = await self.scripts["complete"](keys=names, args=args, client=one)
             if int(answer) != 1:
                 return Completion(int(answer))
-            acked = int(
-                await one.execute_command(  # type: ignore[no-untyped-call]
-                    "WAIT", self._replicas, self._replica_timeout_ms
+            error = None
+            try:
+                acked = int(
+                    await one.execute_command(  # type: ignore[no-untyped-call]
+                        "WAIT", self._replicas, self._replica_timeout_ms
+                    )
                 )
-            )
+            except _REDIS_ERRORS as exc:
+                # the completion landed; only its replication is unknown (a master turned
+                # into a replica meanwhile unblocks WAIT with an error): said, not retried
+                acked, error = 0, error_text(exc)
         if acked < self._replicas:
             _log.logger.warning(
                 "prefetch.redis_replication_short",
@@ -496,6 +502,7 @@ class RedisBackend:
                 digest=digest,
                 replicas=self._replicas,
                 acknowledged=acked,
+                error=error,
                 detail="the result is stored on the master, but fewer replicas than asked "
                 "for acknowledged it in time: a failover now could lose it (and the key "
                 "would run again)",
