@@ -14,6 +14,7 @@ default, so a SIGKILLed master is replaced within a few seconds.
 from __future__ import annotations
 
 import contextlib
+import secrets
 import shutil
 import subprocess
 import time
@@ -23,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from tests.redis_server import RedisServer, require_redis_server
+from tests.redis_server import RedisServer, _free_port, require_redis_server
 
 __all__ = ["Cluster", "ClusterNodeServer", "SentinelSet", "cluster_fixture", "sentinel_fixture"]
 
@@ -229,6 +230,10 @@ class SentinelServer(RedisServer):
         super().__init__(directory)
         self.master_port = master_port
         self.down_after_ms = down_after_ms
+        self.myid = secrets.token_hex(20)
+        # the other sentinels and the replica, declared up front: otherwise a sentinel
+        # learns of them by hello messages every 2 s, and a set-up took 7 s to be ready
+        self.known: list[str] = []
 
     def _args(self) -> list[str]:
         conf = self.directory / "sentinel.conf"
@@ -241,6 +246,7 @@ class SentinelServer(RedisServer):
             f"sentinel down-after-milliseconds mymaster {self.down_after_ms}\n"
             "sentinel failover-timeout mymaster 10000\n"
             "sentinel parallel-syncs mymaster 1\n"
+            f"sentinel myid {self.myid}\n" + "".join(f"{line}\n" for line in self.known)
         )
         return [self.binary, str(conf), "--sentinel"]
 
@@ -270,6 +276,8 @@ class SentinelSet:
     def start(self) -> None:
         self.master.start()
         self.replica.start()
+        for server in self.servers:  # a replica syncs at once (the default waits 5 s)
+            server.command("CONFIG", "SET", "repl-diskless-sync-delay", "0")
         self.replica.command("REPLICAOF", "127.0.0.1", str(self.master.port))
         _until(
             lambda: self.replica.command("ROLE")[3] == b"connected",
@@ -281,8 +289,15 @@ class SentinelSet:
                 master_port=self.master.port,
                 down_after_ms=self.down_after_ms,
             )
-            s.start()
+            s.port = _free_port()
             self.sentinels.append(s)
+        for s in self.sentinels:
+            s.known = [f"sentinel known-replica mymaster 127.0.0.1 {self.replica.port}"] + [
+                f"sentinel known-sentinel mymaster 127.0.0.1 {o.port} {o.myid}"
+                for o in self.sentinels
+                if o is not s
+            ]
+            s.start()
 
         def ready() -> bool:
             for s in self.sentinels:
