@@ -6,10 +6,13 @@ cluster is ``tests/stores/test_contract_redis_cluster.py``.
 
 from __future__ import annotations
 
+import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
+import redis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel
@@ -20,6 +23,7 @@ from prefetch_ingest._redis_connect import parse_multi
 from prefetch_ingest.redis import RedisStore, redact
 
 from .redis_cluster import Cluster, SentinelSet, cluster_fixture, sentinel_fixture
+from .redis_server import RedisServer, redis_server_fixture
 from .test_redis_store import opened, value_of
 
 pytestmark = pytest.mark.anyio
@@ -202,3 +206,37 @@ async def test_sentinel_url_and_client_repr_and_wait(redis_sentinel: SentinelSet
         assert out.stored and not [e for e in logs if e["log_level"] == "warning"]
         entry = await by_url.lookup("s1")
         assert entry is not None and entry.value == "v"
+
+
+# -- redis-py failing inside itself ----------------------------------------------------------
+
+redis_server = redis_server_fixture()
+
+
+def _raiser_in(filename: str) -> Callable[..., Any]:
+    """A coroutine function whose AttributeError is raised from code in ``filename``."""
+    namespace: dict[str, Any] = {}
+    code = "async def boom(*args, **kwargs):\n    raise AttributeError('writelines')\n"
+    exec(compile(code, filename, "exec"), namespace)
+    boom: Callable[..., Any] = namespace["boom"]
+    return boom
+
+
+@pytest.mark.redis
+async def test_an_error_inside_redis_py_is_a_store_error_and_others_are_not(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Seen during a cluster failover: ``AttributeError: 'NoneType' object has no attribute
+    'writelines'`` from redis-py's own code. It counts as a connection error (here: a
+    ``StoreError`` with it as the cause); the same error from elsewhere is not hidden."""
+    inside = os.path.join(os.path.dirname(redis.__file__), "asyncio", "connection.py")
+    async with opened(RedisStore(redis_server.url)) as store:
+        client = store._redis._client
+        assert client is not None
+        monkeypatch.setattr(client, "get", _raiser_in(inside))
+        with pytest.raises(StoreError) as caught:
+            await store.lookup("k", for_get=True)
+        assert isinstance(caught.value.__cause__, redis.exceptions.ConnectionError)
+        monkeypatch.setattr(client, "get", _raiser_in(__file__))
+        with pytest.raises(AttributeError):
+            await store.lookup("k", for_get=True)
