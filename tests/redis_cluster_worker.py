@@ -48,7 +48,11 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 
     results: dict[str, list[str]] = {}
     store = RedisStore(
-        args.store, prefix="fo", lease=args.lease, poll_interval=min(0.25, args.lease / 10)
+        args.store,
+        prefix="fo",
+        lease=args.lease,
+        poll_interval=min(0.25, args.lease / 10),
+        replicas=args.replicas,
     )
     try:
         async with Prefetcher(loader, store=store) as pf:
@@ -79,6 +83,7 @@ def cli() -> None:
     parser.add_argument("--keys", type=int, default=12)
     parser.add_argument("--callers", type=int, default=5)
     parser.add_argument("--lease", type=float, default=5.0)
+    parser.add_argument("--replicas", type=int, default=0)
     report = asyncio.run(main(parser.parse_args()))
     sys.stdout.write(json.dumps(report) + "\n")
 

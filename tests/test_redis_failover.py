@@ -58,7 +58,7 @@ def anyio_backend() -> str:
     return "asyncio"  # RedisStore is asyncio only
 
 
-def _spawn(store_url: str, control: RedisServer) -> subprocess.Popen[str]:
+def _spawn(store_url: str, control: RedisServer, replicas: int) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [
             sys.executable,
@@ -72,6 +72,8 @@ def _spawn(store_url: str, control: RedisServer) -> subprocess.Popen[str]:
             str(CALLERS),
             "--lease",
             str(LEASE),
+            "--replicas",
+            str(replicas),
         ],
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -96,9 +98,10 @@ async def _through_a_failover(
     recovered: Callable[[], bool],
     *,
     runs_per_key: int = 1,
+    replicas: int = 0,
 ) -> dict[str, Any]:
     """Load KEYS keys in PROCESSES processes; ``kill`` mid-load; gate the loads past the lease."""
-    processes = [_spawn(store_url, control) for _ in range(PROCESSES)]
+    processes = [_spawn(store_url, control, replicas) for _ in range(PROCESSES)]
     try:
 
         async def all_in() -> bool:
@@ -174,10 +177,13 @@ async def _stored_values(url: str) -> dict[str, Any]:
         await store.aclose()
 
 
+@pytest.mark.parametrize("replicas", [0, 1])
 async def test_sigkill_of_a_cluster_master_mid_load(
-    redis_cluster: Cluster, control: RedisServer
+    redis_cluster: Cluster, control: RedisServer, replicas: int
 ) -> None:
-    """3 masters + 3 replicas; the master serving most of the keys is SIGKILLed mid-load."""
+    """3 masters + 3 replicas; the master serving most of the keys is SIGKILLed mid-load.
+    With ``replicas=1`` too: the completions' ``WAIT`` goes to the node of the key's slot,
+    and a completion that fails there refreshes the cluster's map of slots."""
     by_master: dict[int, int] = {}
     for i in range(KEYS):
         port = redis_cluster.master_of(_record(f"k{i}")).port
@@ -189,6 +195,7 @@ async def test_sigkill_of_a_cluster_master_mid_load(
         control,
         kill=victim.kill,
         recovered=lambda: redis_cluster.promoted(victim),
+        replicas=replicas,
     )
     assert await _stored_values(redis_cluster.url) == {f"k{i}": f"value-k{i}" for i in range(KEYS)}
     redis_cluster.check_no_lease_without_expiry()

@@ -25,6 +25,7 @@ The store runs on asyncio only (``redis.asyncio``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import math
 import os
@@ -481,7 +482,12 @@ class RedisBackend:
         # WAIT counts the replicas that have this connection's writes: one connection
         plain = client if isinstance(client, aioredis.Redis) else self._node_client(names[0])
         async with plain.client() as one:
-            answer = await self.scripts["complete"](keys=names, args=args, client=one)
+            try:
+                answer = await self.scripts["complete"](keys=names, args=args, client=one)
+            except _REDIS_ERRORS:
+                if isinstance(client, RedisCluster):
+                    await self._forget_node(client, plain)
+                raise
             if int(answer) != 1:
                 return Completion(int(answer))
             error = None
@@ -508,6 +514,18 @@ class RedisBackend:
                 "would run again)",
             )
         return Completion(int(answer))
+
+    async def _forget_node(self, client: RedisCluster, plain: aioredis.Redis) -> None:
+        """The node did not take the completion (moved slot, failover): drop its client and
+        refresh the cluster's map of slots, which nothing else does while a completion is
+        retried (the renewals have stopped)."""
+        for name, known in list(self._node_clients.items()):
+            if known is plain:
+                del self._node_clients[name]
+                with anyio.CancelScope(shield=True):
+                    await plain.aclose()
+        with contextlib.suppress(*_REDIS_ERRORS):
+            await client.nodes_manager.initialize()
 
     def _node_client(self, name: str) -> aioredis.Redis:
         """A plain client of the cluster node that serves ``name``'s slot (for ``WAIT``)."""
