@@ -52,6 +52,12 @@ class ClusterNodeServer(RedisServer):
         super().__init__(directory, persistent=persistent)
         self.node_timeout_ms = node_timeout_ms
 
+    def _pick_port(self) -> int:
+        while True:  # the cluster bus listens on port + 10000: it must be a port too
+            port = _free_port()
+            if port + 10000 <= 65535:
+                return port
+
     def _args(self) -> list[str]:
         return [
             *super()._args(),
