@@ -10,7 +10,10 @@ touches a Redis it did not start.
   ``await client.get(name)`` in the same loop (the floor of a networked hit),
   interleaved, medians;
 - one cold key, P processes x C concurrent callers each, released together by
-  a barrier: how many times the loader ran across all processes.
+  a barrier: how many times the loader ran across all processes;
+- the same hit loop and stampede on a 3-master Redis Cluster (no replicas,
+  ``redis-cli --cluster create``), through a ``redis+cluster://`` URL, against
+  ``RedisCluster.get`` in the same loop.
 """
 
 from __future__ import annotations
@@ -92,6 +95,97 @@ def _redis_server(binary: str) -> Iterator[str]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+@contextmanager
+def _redis_cluster(binary: str, masters: int = 3) -> Iterator[str | None]:
+    """A private cluster of ``masters`` masters; its ``redis+cluster://`` URL (None: no
+    ``redis-cli`` to form it, or it did not form)."""
+    cli = shutil.which("redis-cli")
+    if cli is None:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="pi-bench-cluster-") as workdir:
+        procs: list[subprocess.Popen[bytes]] = []
+        ports: list[int] = []
+        try:
+            for i in range(masters):
+                port = _free_port()
+                while port + 10000 > 65535:  # the cluster bus listens on port + 10000
+                    port = _free_port()
+                node_dir = os.path.join(workdir, f"node-{i}")
+                os.mkdir(node_dir)
+                procs.append(
+                    subprocess.Popen(
+                        [
+                            binary,
+                            "--port",
+                            str(port),
+                            "--bind",
+                            "127.0.0.1",
+                            "--save",
+                            "",
+                            "--appendonly",
+                            "no",
+                            "--dir",
+                            node_dir,
+                            "--cluster-enabled",
+                            "yes",
+                            "--cluster-config-file",
+                            os.path.join(node_dir, "nodes.conf"),
+                            "--maxmemory-policy",
+                            "noeviction",
+                        ],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
+                )
+                ports.append(port)
+            for port in ports:
+                _wait_ping(port)
+            created = subprocess.run(
+                [cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports), "--cluster-yes"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                timeout=60,
+            )
+            if created.returncode != 0 or not _cluster_ok(cli, ports):
+                yield None
+                return
+            yield "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in ports)
+        finally:
+            for proc in procs:
+                proc.kill()
+                proc.wait(timeout=10)
+
+
+def _wait_ping(port: int) -> None:
+    deadline = time.monotonic() + 10.0
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as c:
+                c.sendall(b"PING\r\n")
+                if c.recv(16).startswith(b"+PONG"):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.02)
+    raise RuntimeError(f"redis-server on port {port} did not start")
+
+
+def _cluster_ok(cli: str, ports: list[int]) -> bool:
+    deadline = time.monotonic() + 20.0
+    while time.monotonic() < deadline:
+        states = [
+            subprocess.run(
+                [cli, "-p", str(p), "CLUSTER", "INFO"], capture_output=True, text=True
+            ).stdout
+            for p in ports
+        ]
+        if all("cluster_state:ok" in s for s in states):
+            return True
+        time.sleep(0.05)
+    return False
 
 
 # ---------------------------------------------------------------------------
@@ -252,10 +346,106 @@ async def redis_scenario(sizes: Sizes, say: Progress) -> ScenarioResult:
         admin = aioredis.Redis.from_url(url)
         bare = aioredis.Redis.from_url(url)
         try:
-            return await _measure(url, admin, bare, Prefetcher, RedisStore, sizes, say)
+            result = await _measure(url, admin, bare, Prefetcher, RedisStore, sizes, say)
         finally:
             await admin.aclose()
             await bare.aclose()
+    with _redis_cluster(binary) as cluster_url:
+        if cluster_url is None:
+            result.notes.append("Cluster: not measured (no redis-cli, or it did not form).")
+        else:
+            await _measure_cluster(cluster_url, result, Prefetcher, RedisStore, sizes, say)
+    return result
+
+
+async def _measure_cluster(
+    url: str, result: ScenarioResult, prefetcher: Any, store: Any, sizes: Sizes, say: Progress
+) -> None:
+    """Rows for a 3-master cluster: hit latency against ``RedisCluster.get``, the stampede."""
+    from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+    hits = sizes.redis_hits
+    host_ports = [hp.split(":") for hp in url.removeprefix("redis+cluster://").split(",")]
+    bare = RedisCluster(startup_nodes=[ClusterNode(h, int(p)) for h, p in host_ports])
+
+    async def load(key: str) -> str:
+        return "value:" + key
+
+    ours_samples: list[float] = []
+    bare_samples: list[float] = []
+    try:
+        await bare.set("bare-hot", b'"value:hot"')
+        async with prefetcher(load, store=store(url)) as pf:
+            await pf.get("hot")
+            for r in range(sizes.redis_repeats):
+                for which in ("ours", "bare") if r % 2 == 0 else ("bare", "ours"):
+                    start = time.perf_counter()
+                    if which == "ours":
+                        for _ in range(hits):
+                            await pf.get("hot")
+                        ours_samples.append((time.perf_counter() - start) / hits)
+                    else:
+                        for _ in range(hits):
+                            await bare.get("bare-hot")
+                        bare_samples.append((time.perf_counter() - start) / hits)
+    finally:
+        await bare.aclose()
+    say("redis cluster: latency done")
+    cross_sleep = 0.2
+    cross_runs, cross_served, per_process, cross_errors = await anyio.to_thread.run_sync(
+        _cross_processes,
+        url,
+        sizes.redis_processes,
+        sizes.redis_callers,
+        sizes.redis_repeats,
+        cross_sleep,
+    )
+    say("redis cluster: cross-process stampede done")
+    rounds = sizes.redis_repeats
+    callers_total = sizes.redis_processes * sizes.redis_callers
+    ours_us = median(ours_samples) * 1e6
+    bare_us = median(bare_samples) * 1e6
+    desc = f"{sizes.redis_processes} processes x {sizes.redis_callers} callers, {rounds} round(s)"
+    result.rows += [
+        Row(
+            "RedisCluster GET (bare, 3 masters)",
+            "baseline",
+            bare_us,
+            samples=[x * 1e6 for x in bare_samples],
+            extra={"hits_per_s": 1e6 / bare_us, "trips_per_hit": 1.0, "cmds_per_hit": 1.0},
+        ),
+        Row(
+            "prefetch_ingest (Cluster, 3 masters)",
+            "ours",
+            ours_us,
+            samples=[x * 1e6 for x in ours_samples],
+            extra={
+                "hits_per_s": 1e6 / ours_us,
+                "trips_per_hit": 1.0,
+                "cmds_per_hit": 1.0,
+                "cross_executions": cross_runs // max(rounds, 1)
+                if cross_runs % max(rounds, 1) == 0
+                else cross_runs,
+                "cross_served": cross_served,
+                "cross_errors": _describe(cross_errors, 1) if cross_errors else "-",
+            },
+        ),
+    ]
+    result.notes.append(
+        f"Cluster: 3 masters, no replicas, through a redis+cluster:// URL; hit rate "
+        f"{bare_us / ours_us:.2f} of a bare RedisCluster GET loop ({ours_us:.0f} against "
+        f"{bare_us:.0f} µs per hit); {desc}: {cross_runs} executions for {rounds} key(s) "
+        f"(per process {per_process}), {cross_served} of {callers_total * rounds} served."
+    )
+    result.checks.append(
+        Check(
+            f"redis cluster: one execution per cold key across {desc}, every caller served",
+            cross_runs == rounds and cross_served == callers_total * rounds,
+            f"{cross_runs} executions for {rounds} key(s) (per process {per_process}), "
+            f"{cross_served} of {callers_total * rounds} served; errors: "
+            f"{_describe(cross_errors, 1) if cross_errors else 'none'}",
+        )
+    )
 
 
 async def _measure(

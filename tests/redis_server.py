@@ -98,13 +98,16 @@ class RedisServer:
             args += ["--appendonly", "no"]
         return args
 
+    def _pick_port(self) -> int:
+        return _free_port()
+
     def start(self) -> None:
         """Start it (on a new free port the first time, on the same port after a stop)."""
         assert self.process is None, "already running"
         first = self.port == 0
         for _attempt in range(5):
             if first:
-                self.port = _free_port()
+                self.port = self._pick_port()
             self.process = subprocess.Popen(
                 self._args(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
             )

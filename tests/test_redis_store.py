@@ -639,6 +639,12 @@ async def test_progress_is_visible_to_other_instances(redis_server: RedisServer)
 
         tg.start_soon(functools.partial(a.load, "k", run, background=True, force=False))
         await started.wait()
+        # b's reader must be subscribed first: its subscription wakes every waiter (messages
+        # may have been lost), which would end the wait below early (seen under CPU load)
+        subscribed = b._redis._subscribed
+        assert subscribed is not None
+        with anyio.fail_after(15):
+            await subscribed.wait()
 
         async def changed() -> None:
             await b.wait_change("k", 10.0)

@@ -14,6 +14,7 @@ FAULT_MODULES = (
     "test_soak.py",
     "test_redis_faults.py",
     "test_postgres_faults.py",
+    "test_redis_failover.py",
 )
 _REF = re.compile(r"`((?:[a-z0-9_]+/)*test_[a-z0-9_]+\.py)::(test_[a-z0-9_]+)`")
 

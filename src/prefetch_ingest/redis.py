@@ -25,9 +25,12 @@ The store runs on asyncio only (``redis.asyncio``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import math
-from collections.abc import Callable
-from typing import Any, Final, Literal, cast
+import os
+from collections.abc import Callable, Coroutine
+from typing import Any, Final, Literal, ParamSpec, TypeVar, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import anyio
@@ -40,10 +43,12 @@ except ImportError as _exc:  # pragma: no cover - depends on the environment
     ) from _exc
 try:
     import redis.asyncio as aioredis
+    from redis.asyncio.cluster import RedisCluster
     from redis.asyncio.retry import Retry
+    from redis.asyncio.sentinel import Sentinel
     from redis.backoff import ExponentialWithJitterBackoff
     from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.exceptions import RedisError
+    from redis.exceptions import RedisClusterException, RedisError
 except ImportError as _exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         f"prefetch_ingest.redis needs redis-py 5.3 or later, found "
@@ -54,6 +59,13 @@ except ImportError as _exc:  # pragma: no cover - depends on the environment
 from . import _log
 from ._errors import CodecError
 from ._fence import current_fence
+from ._redis_connect import (
+    MULTI_SCHEMES,
+    cluster_client,
+    describe,
+    parse_multi,
+    sentinel_client,
+)
 from ._redis_records import (
     CorruptRecord,
     dump_failure_note,
@@ -69,12 +81,16 @@ from ._types import Progress
 from ._validate import error_text
 from .stores.codec import Codec, JSONCodec
 from .stores.interface import Acquired, Completion, Outcome, Read, Run
-from .stores.lease import LeasedStore, poll_for
+from .stores.lease import LeasedStore, check_duration, poll_for
 
 __all__ = ["Codec", "CodecError", "JSONCodec", "RedisStore", "current_fence"]
 
-_REDIS_ERRORS: Final = (RedisError, OSError)
-"""What counts as "Redis unreachable or failing" (``OSError`` covers timeouts and refusals)."""
+_REDIS_ERRORS: Final = (RedisError, RedisClusterException, OSError)
+"""What counts as "Redis unreachable or failing" (``OSError`` covers timeouts and refusals;
+``RedisClusterException``, not a ``RedisError``, a slot no node serves during a failover)."""
+
+Client = aioredis.Redis | RedisCluster
+"""The clients the store accepts (a Sentinel master client is an ``aioredis.Redis``)."""
 
 _SECRET_PARAMS: Final = frozenset({"password", "pass", "pwd", "secret", "token", "auth"})
 
@@ -101,22 +117,56 @@ def redact(url: str) -> str:
     try:
         parts = urlsplit(url)
         netloc = parts.netloc
-        if parts.password is not None:
-            host = parts.hostname or ""
-            if ":" in host:
-                host = f"[{host}]"
-            if parts.port is not None:
-                host = f"{host}:{parts.port}"
-            netloc = f"{parts.username or ''}:***@{host}"
+        userinfo, at, hosts = netloc.rpartition("@")
+        if at and ":" in userinfo:  # also for the host lists of Sentinel and Cluster URLs
+            netloc = f"{userinfo.partition(':')[0]}:***@{hosts}"
         query = parts.query
         if query:
             pairs = parse_qsl(query, keep_blank_values=True)
-            query = urlencode(
-                [(k, "***" if k.lower() in _SECRET_PARAMS else v) for k, v in pairs], safe="*"
-            )
+            query = urlencode([(k, "***" if _secret(k) else v) for k, v in pairs], safe="*")
         return urlunsplit(parts._replace(netloc=netloc, query=query))
     except ValueError:
         return "<unparsable url>"
+
+
+def _secret(name: str) -> bool:
+    name = name.lower()
+    return name in _SECRET_PARAMS or name.endswith("password")
+
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+_REDIS_PY_DIR: Final = os.path.dirname(_redis_package.__file__)
+
+
+def _guarded(
+    method: Callable[_P, Coroutine[Any, Any, _T]],
+) -> Callable[_P, Coroutine[Any, Any, _T]]:
+    """A primitive whose redis-py bugs count as Redis errors.
+
+    During a cluster failover, redis-py's asyncio client can fail inside itself on a
+    connection closed under it (seen: ``AttributeError: 'NoneType' object has no
+    attribute 'writelines'``). Such an error, raised from redis-py's own code, is a
+    connection error for the store (ridden out, retried, or a ``StoreError``), not a
+    failure of the caller's load."""
+
+    @functools.wraps(method)
+    async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        try:
+            return await method(*args, **kwargs)
+        except (AttributeError, KeyError, IndexError, TypeError) as exc:
+            tb = exc.__traceback__
+            while tb is not None and tb.tb_next is not None:
+                tb = tb.tb_next
+            if tb is None or not tb.tb_frame.f_code.co_filename.startswith(_REDIS_PY_DIR):
+                raise
+            raise RedisConnectionError(
+                f"redis-py failed inside itself ({type(exc).__name__}: {exc}); "
+                "taken as a lost connection"
+            ) from exc
+
+    return wrapper
 
 
 def _ms(seconds: float) -> int:
@@ -153,24 +203,31 @@ class RedisBackend:
     errors: tuple[type[BaseException], ...] = _REDIS_ERRORS
 
     def __init__(
-        self, url: str | None, client: aioredis.Redis | None, *, prefix: str, poll: float
+        self,
+        url: str | None,
+        client: Client | None,
+        *,
+        prefix: str,
+        poll: float,
+        replicas: int = 0,
+        replica_timeout: float = 1.0,
     ) -> None:
         self._url = url
         self._given = client
         self._prefix = prefix
         self._poll = poll
+        self._replicas = replicas
+        self._replica_timeout_ms = _ms(replica_timeout)
         self._channel = f"{prefix}:notify"
         if client is not None:
-            kwargs = client.connection_pool.connection_kwargs
-            if "path" in kwargs:
-                self._where = f"unix://{kwargs['path']}?db={kwargs.get('db', 0)}"
-            else:
-                host = kwargs.get("host", "localhost")
-                self._where = f"redis://{host}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"
+            self._where = describe(client)
         else:
             assert url is not None
             self._where = redact(url)
-        self._client: aioredis.Redis | None = None
+        self._client: Client | None = None
+        self._sentinel: Sentinel | None = None
+        self._reader_node = 0  # the cluster node the notification reader tries next
+        self._node_clients: dict[str, aioredis.Redis] = {}  # cluster node -> client (WAIT)
         self.scripts: dict[str, Any] = {}
         self._names: dict[str, list[str]] = {}
         self._signals: dict[str, _Signal] = {}
@@ -186,8 +243,16 @@ class RedisBackend:
 
     async def open(self) -> None:
         _require_asyncio()
+        client: Client
         if self._given is not None:
             client = self._given
+        elif urlsplit(self._url or "").scheme.lower() in MULTI_SCHEMES:
+            assert self._url is not None
+            target = parse_multi(self._url, self._where)
+            if target.scheme == "redis+cluster":
+                client = cluster_client(target)
+            else:
+                self._sentinel, client = sentinel_client(target)
         else:
             assert self._url is not None
             # A blocking pool: a burst of calls waits for a connection rather
@@ -213,6 +278,12 @@ class RedisBackend:
             "cancel": client.register_script(CANCEL),
         }
         await client.ping()
+        if isinstance(client, aioredis.Redis):
+            try:
+                await self._check_not_a_cluster_node(client)
+            except ValueError:
+                await self.aclose()  # the connection this store made, not the caller's
+                raise
         await self._check_eviction_policy(client)
         await self._start_reader()  # notifications from the start (fresh marks, wake-ups)
 
@@ -229,18 +300,44 @@ class RedisBackend:
             signal.fire()
         self._subscribed = None
         client, self._client = self._client, None
+        sentinel, self._sentinel = self._sentinel, None
+        node_clients, self._node_clients = self._node_clients, {}
         self.scripts = {}
+        with anyio.CancelScope(shield=True):
+            for plain in node_clients.values():
+                await plain.aclose()
         if client is not None and client is not self._given:
             with anyio.CancelScope(shield=True):
                 await client.aclose()
+                if sentinel is not None:
+                    await sentinel.aclose()
 
-    async def _check_eviction_policy(self, client: aioredis.Redis) -> None:
+    async def _check_not_a_cluster_node(self, client: aioredis.Redis) -> None:
+        """A ``redis://`` URL (or a plain client) to one node of a Redis Cluster would fail
+        every key of another node's slots with ``MOVED``: refuse it at once, clearly."""
+        try:
+            info: dict[str, Any] = await client.info("cluster")
+        except _REDIS_ERRORS:  # INFO may be disabled: the first MOVED will tell
+            return
+        if str(info.get("cluster_enabled", "0")) == "1":
+            raise ValueError(
+                f"{self._where} is a node of a Redis Cluster: a plain client reaches only "
+                "that node's slots; use a redis+cluster://host:port[,host:port...] URL or "
+                "a redis.asyncio.RedisCluster client"
+            )
+
+    async def _check_eviction_policy(self, client: Client) -> None:
         try:
             reply: dict[Any, Any] = await client.config_get("maxmemory-policy")
         except _REDIS_ERRORS:  # CONFIG may be disabled (managed Redis): nothing to check
             return
-        raw = reply.get("maxmemory-policy", reply.get(b"maxmemory-policy", b""))
-        policy = raw.decode() if isinstance(raw, bytes) else str(raw)
+        # a cluster client asks every node: {node name: reply}
+        replies = [r for r in reply.values() if isinstance(r, dict)] or [reply]
+        for one in replies:
+            raw = one.get("maxmemory-policy", one.get(b"maxmemory-policy", b""))
+            policy = raw.decode() if isinstance(raw, bytes) else str(raw)
+            if policy in _EVICTING_POLICIES:
+                break
         if policy in _EVICTING_POLICIES:
             _log.logger.warning(
                 "prefetch.redis_eviction_policy",
@@ -270,7 +367,7 @@ class RedisBackend:
             self._names[digest] = names
         return names
 
-    def _live(self) -> aioredis.Redis:
+    def _live(self) -> Client:
         client = self._client
         if client is None:
             raise RedisConnectionError("the RedisStore is not open (the Prefetcher opens it)")
@@ -278,6 +375,7 @@ class RedisBackend:
 
     # -- the primitives ------------------------------------------------------------
 
+    @_guarded
     async def read(self, digest: str, *, outcome_only: bool = False) -> Read:
         client = self._live()
         names = self.names(digest)
@@ -327,6 +425,7 @@ class RedisBackend:
         failed = n if isinstance(n, Outcome) else None
         return Read(o, r, cancelled, failed)
 
+    @_guarded
     async def acquire(
         self, digest: str, run: Run, lease: float, *, force: bool, accept: frozenset[str]
     ) -> Acquired:
@@ -347,6 +446,7 @@ class RedisBackend:
             return Acquired(int(reply[1]))
         return Acquired(None, self._parse(digest, reply[1], reply[2], reply[3]))
 
+    @_guarded
     async def renew(self, digest: str, token: str, lease: float, progress: Progress | None) -> bool:
         self._live()
         ok = await self.scripts["renew"](
@@ -362,23 +462,87 @@ class RedisBackend:
         )
         return bool(ok)
 
+    @_guarded
     async def complete(self, digest: str, outcome: Outcome, keep: float | None) -> Completion:
-        self._live()
-        answer = await self.scripts["complete"](
-            keys=self.names(digest),
-            args=[
-                outcome.token,
-                dump_outcome(outcome),
-                "" if keep is None else _ms(keep),
-                "0" if outcome.ok else "1",
-                self._channel,
-                f"{digest}:{'c' if outcome.ok else 'f'}",
-                b"" if outcome.ok else dump_failure_note(outcome),
-                _NOTE_MS,
-            ],
-        )
+        client = self._live()
+        names = self.names(digest)
+        args = [
+            outcome.token,
+            dump_outcome(outcome),
+            "" if keep is None else _ms(keep),
+            "0" if outcome.ok else "1",
+            self._channel,
+            f"{digest}:{'c' if outcome.ok else 'f'}",
+            b"" if outcome.ok else dump_failure_note(outcome),
+            _NOTE_MS,
+        ]
+        if not self._replicas:
+            answer = await self.scripts["complete"](keys=names, args=args)
+            return Completion(int(answer))
+        # WAIT counts the replicas that have this connection's writes: one connection
+        plain = client if isinstance(client, aioredis.Redis) else self._node_client(names[0])
+        async with plain.client() as one:
+            try:
+                answer = await self.scripts["complete"](keys=names, args=args, client=one)
+            except _REDIS_ERRORS:
+                if isinstance(client, RedisCluster):
+                    await self._forget_node(client, plain)
+                raise
+            if int(answer) != 1:
+                return Completion(int(answer))
+            error = None
+            try:
+                acked = int(
+                    await one.execute_command(  # type: ignore[no-untyped-call]
+                        "WAIT", self._replicas, self._replica_timeout_ms
+                    )
+                )
+            except _REDIS_ERRORS as exc:
+                # the completion landed; only its replication is unknown (a master turned
+                # into a replica meanwhile unblocks WAIT with an error): said, not retried
+                acked, error = 0, error_text(exc)
+        if acked < self._replicas:
+            _log.logger.warning(
+                "prefetch.redis_replication_short",
+                where=self._where,
+                digest=digest,
+                replicas=self._replicas,
+                acknowledged=acked,
+                error=error,
+                detail="the result is stored on the master, but fewer replicas than asked "
+                "for acknowledged it in time: a failover now could lose it (and the key "
+                "would run again)",
+            )
         return Completion(int(answer))
 
+    async def _forget_node(self, client: RedisCluster, plain: aioredis.Redis) -> None:
+        """The node did not take the completion (moved slot, failover): drop its client and
+        refresh the cluster's map of slots, which nothing else does while a completion is
+        retried (the renewals have stopped)."""
+        for name, known in list(self._node_clients.items()):
+            if known is plain:
+                del self._node_clients[name]
+                with anyio.CancelScope(shield=True):
+                    await plain.aclose()
+        with contextlib.suppress(*_REDIS_ERRORS):
+            await client.nodes_manager.initialize()
+
+    def _node_client(self, name: str) -> aioredis.Redis:
+        """A plain client of the cluster node that serves ``name``'s slot (for ``WAIT``)."""
+        client = self._live()
+        assert isinstance(client, RedisCluster)
+        node = client.get_node_from_key(name)
+        if node is None:
+            raise RedisClusterException(f"no cluster node serves the slot of {name!r}")
+        plain = self._node_clients.get(node.name)
+        if plain is None:
+            pool = aioredis.ConnectionPool(
+                connection_class=node.connection_class, max_connections=64, **node.connection_kwargs
+            )
+            plain = self._node_clients[node.name] = aioredis.Redis.from_pool(pool)
+        return plain
+
+    @_guarded
     async def release(self, digest: str, token: str) -> bool:
         self._live()
         n = await self.scripts["release"](
@@ -386,6 +550,7 @@ class RedisBackend:
         )
         return bool(n)
 
+    @_guarded
     async def invalidate(self, digest: str) -> bool:
         self._live()
         n = await self.scripts["invalidate"](
@@ -393,6 +558,7 @@ class RedisBackend:
         )
         return int(n) > 0
 
+    @_guarded
     async def cancel(self, digest: str, keep: float) -> str | None:
         self._live()
         token = await self.scripts["cancel"](
@@ -431,10 +597,29 @@ class RedisBackend:
             with anyio.move_on_after(self._poll):
                 await subscribed.wait()
 
-    async def _read_notifications(self, client: aioredis.Redis, subscribed: anyio.Event) -> None:
+    def _subscriber(self, client: Client) -> tuple[aioredis.Redis | None, Any]:
+        """A pub/sub connection for the reader (and a client to close after it, if made).
+
+        On a cluster, a ``PUBLISH`` (in the scripts) reaches every node over the cluster
+        bus, so the reader listens on one node, a plain connection, and moves to the next
+        node when that one fails."""
+        if not isinstance(client, RedisCluster):
+            return None, client.pubsub()
+        nodes = client.get_nodes()
+        if not nodes:  # not initialised yet: the cluster client's own (first) node
+            return None, client.pubsub()
+        node = nodes[self._reader_node % len(nodes)]
+        self._reader_node += 1
+        pool = aioredis.ConnectionPool(
+            connection_class=node.connection_class, max_connections=2, **node.connection_kwargs
+        )
+        plain = aioredis.Redis.from_pool(pool)
+        return plain, plain.pubsub()
+
+    async def _read_notifications(self, client: Client, subscribed: anyio.Event) -> None:
         """The one reader of the namespace's channel in this process (a task until ``aclose``)."""
         while True:
-            pubsub = client.pubsub()
+            plain, pubsub = self._subscriber(client)
             try:
                 await pubsub.subscribe(self._channel)
                 while True:
@@ -464,7 +649,9 @@ class RedisBackend:
                     )
             finally:
                 with anyio.CancelScope(shield=True):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()
+                    if plain is not None:
+                        await plain.aclose()
             await anyio.sleep(self._poll)
 
     def _wake_all(self) -> None:
@@ -476,8 +663,11 @@ class RedisStore(LeasedStore):
     """A shared store on Redis: results survive restarts, each key runs once across processes.
 
     Args:
-        url_or_client: a ``redis://`` (or ``rediss://``, ``unix://``) URL, or a
-            :class:`redis.asyncio.Redis` client the application already has.
+        url_or_client: a ``redis://`` (or ``rediss://``, ``unix://``) URL; a
+            ``redis+sentinel://host:port[,host:port...]/service_name[/db]`` or
+            ``redis+cluster://host:port[,host:port...]`` URL; or a client the
+            application already has: :class:`redis.asyncio.Redis` (also one from
+            ``Sentinel.master_for``) or :class:`redis.asyncio.RedisCluster`.
             A URL's connection is made when the Prefetcher opens the store and
             closed when it closes; an application's client is never closed.
             The client must leave ``decode_responses`` off (values are bytes).
@@ -495,30 +685,48 @@ class RedisStore(LeasedStore):
             works as one instance with no shared store until Redis answers).
         poll_interval: how often a waiting process re-reads the key even
             without a notification; default ``lease / 10`` clamped to 0.05 … 1 s.
+        replicas: after each stored completion, ``WAIT`` for this many replicas
+            to acknowledge it (``0``, the default: do not wait). A shortfall is
+            logged (``prefetch.redis_replication_short``) and the result kept:
+            the master has it; a failover before the replicas do could lose it.
+        replica_timeout: how long one ``WAIT`` may take, in seconds.
     """
 
     kind = "Redis"
 
     def __init__(
         self,
-        url_or_client: str | aioredis.Redis,
+        url_or_client: str | aioredis.Redis | RedisCluster,
         *,
         prefix: str = "prefetch_ingest",
         lease: float = 30.0,
         codec: Codec | None = None,
         fallback: Literal["local"] | None = None,
         poll_interval: float | None = None,
+        replicas: int = 0,
+        replica_timeout: float = 1.0,
     ) -> None:
         url: str | None = None
-        client: aioredis.Redis | None = None
+        client: Client | None = None
         if isinstance(url_or_client, str):
-            scheme = urlsplit(url_or_client).scheme
-            if scheme not in ("redis", "rediss", "unix"):
+            scheme = urlsplit(url_or_client).scheme.lower()
+            if scheme not in ("redis", "rediss", "unix", *MULTI_SCHEMES):
                 raise ValueError(
-                    "url_or_client must be a redis://, rediss:// or unix:// URL "
-                    f"or a redis.asyncio.Redis client, got the URL {redact(url_or_client)!r}"
+                    "url_or_client must be a redis://, rediss://, unix://, redis+sentinel:// "
+                    "or redis+cluster:// URL, or a redis.asyncio.Redis or RedisCluster client, "
+                    f"got the URL {redact(url_or_client)!r}"
                 )
+            if scheme in MULTI_SCHEMES:
+                parse_multi(url_or_client, redact(url_or_client))  # a bad URL fails here
             url = url_or_client
+        elif isinstance(url_or_client, RedisCluster):
+            if url_or_client.get_encoder().decode_responses:
+                raise ValueError(
+                    "url_or_client: the RedisCluster client decodes responses to str "
+                    "(decode_responses=True); the store needs bytes: pass a client "
+                    "made with decode_responses=False (the default), or a URL"
+                )
+            client = url_or_client
         elif isinstance(url_or_client, aioredis.Redis):
             kwargs = url_or_client.connection_pool.connection_kwargs
             if kwargs.get("decode_responses"):
@@ -530,9 +738,13 @@ class RedisStore(LeasedStore):
             client = url_or_client
         else:
             raise TypeError(
-                "url_or_client must be a redis:// URL or a redis.asyncio.Redis client, "
+                "url_or_client must be a redis:// (or redis+sentinel://, redis+cluster://) URL, "
+                "or a redis.asyncio.Redis or redis.asyncio.RedisCluster client, "
                 f"got {type(url_or_client).__name__}"
             )
+        if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 0:
+            raise ValueError(f"replicas must be a non-negative int, got {replicas!r}")
+        replica_timeout = check_duration("replica_timeout", replica_timeout, allow_zero=False)
         if not isinstance(prefix, str) or not prefix:
             raise ValueError(f"prefix must be a non-empty string, got {prefix!r}")
         if "{" in prefix or "}" in prefix:
@@ -540,15 +752,24 @@ class RedisStore(LeasedStore):
                 f"prefix must not contain '{{' or '}}' (Redis Cluster hash tags), got {prefix!r}"
             )
         self._prefix = prefix
-        self._redis = RedisBackend(url, client, prefix=prefix, poll=poll_for(lease, poll_interval))
+        self._replicas = replicas
+        self._redis = RedisBackend(
+            url,
+            client,
+            prefix=prefix,
+            poll=poll_for(lease, poll_interval),
+            replicas=replicas,
+            replica_timeout=replica_timeout,
+        )
         super().__init__(
             self._redis, lease=lease, codec=codec, fallback=fallback, poll_interval=poll_interval
         )
 
     def __repr__(self) -> str:
+        more = f", replicas={self._replicas!r}" if self._replicas else ""
         return (
             f"RedisStore({self._redis.where!r}, prefix={self._prefix!r}, lease={self._lease!r}, "
-            f"codec={self._codec!r}, fallback={self._fallback!r})"
+            f"codec={self._codec!r}, fallback={self._fallback!r}{more})"
         )
 
     async def open(self, *, ttl: float | None, failure_ttl: float) -> None:

@@ -63,6 +63,12 @@ _DIGESTS_KEPT: Final = 4096
 _LOG_EVERY: Final = 1.0
 """At most one outage log line per operation per this many seconds."""
 
+_RENEW_RETRY: Final = 0.02
+"""The first delay before a failed renewal is tried again (doubling up to the next)."""
+
+_RENEW_RETRY_MAX: Final = 0.25
+"""The longest delay between tries of a failed renewal."""
+
 _TTL0_KEEP: Final = 1.0
 """With ``ttl=0`` an outcome stays this long (at least), for the instances waiting on it."""
 
@@ -680,11 +686,19 @@ class LeasedStore:
         self, key: Hashable, digest: str, own: _Owned, lost: Callable[[bool], None] | None
     ) -> None:
         """Renew every ``lease / 3``; between renewals, notice at once (by the key's
-        notifications) a lease taken away by another instance's cancel or invalidate."""
+        notifications) a lease taken away by another instance's cancel or invalidate.
+
+        A renewal that fails (the store unreachable: a failover, a restart) is tried
+        again soon, with back-off from 20 ms up to 250 ms (at most ``lease / 3``), not
+        a whole interval later: a renewal lands within 250 ms of the store answering
+        again, so the lease outlives any outage shorter than ``2 * lease / 3 - 0.25``
+        seconds (it had to be shorter than ``lease / 3`` when the next try waited for
+        the next interval)."""
         backend = self._backend
         interval = self._lease / 3
         token = own.run.token
         due = anyio.current_time() + interval
+        retry_in = _RENEW_RETRY
         while True:
             await backend.wait_change(digest, max(due - anyio.current_time(), 0.0))
             cancelled = False
@@ -695,7 +709,10 @@ class LeasedStore:
                         ok = await backend.renew(digest, token, self._lease, None)
                 except (*self._errors, TimeoutError) as exc:  # type: ignore[misc]
                     self._down("renew", exc, key)
+                    due = min(due, anyio.current_time() + retry_in)
+                    retry_in = min(retry_in * 2, _RENEW_RETRY_MAX, interval)
                     continue
+                retry_in = _RENEW_RETRY
                 if not self.reachable:
                     self._up()
                 if ok:
