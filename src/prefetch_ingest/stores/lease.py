@@ -718,7 +718,10 @@ class LeasedStore:
                 if ok:
                     own.renewed = anyio.current_time()
                     continue
-                with contextlib.suppress(*self._errors):
+                with (
+                    contextlib.suppress(*self._errors, TimeoutError),
+                    anyio.fail_after(self._op_timeout),
+                ):
                     cancelled = (await backend.read(digest)).cancelled == token
             else:
                 if own.completing or not own.alarmed:
@@ -726,8 +729,9 @@ class LeasedStore:
                 own.alarmed = False
                 # a notification about the key: is the lease still ours?
                 try:
-                    read = await backend.read(digest)
-                except self._errors:
+                    with anyio.fail_after(self._op_timeout):  # never stalls the renewals
+                        read = await backend.read(digest)
+                except (*self._errors, TimeoutError):  # type: ignore[misc]
                     continue
                 if read.run is not None and read.run.token == token:
                     continue
