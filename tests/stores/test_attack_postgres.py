@@ -449,13 +449,6 @@ async def test_a_table_named_like_another_stores_sequence_is_refused_or_works(
         await reap_tasks()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "_ready stays True and UndefinedTable (ProgrammingError) is not in _PG_ERRORS: "
-        "get raises a raw psycopg UndefinedTable"
-    ),
-)
 async def test_a_dropped_table_is_recreated_or_a_store_error(
     postgres_server: PostgresServer, pg_table: str
 ) -> None:
@@ -812,14 +805,6 @@ async def test_odd_exceptions_fail_only_their_load_on_every_instance(
     assert isinstance(e, RemoteLoadError) and e.error_type == type(error).__name__
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "lease.py _own re-raises a CancelledError the load raised itself and releases the"
-        " lease: nothing is recorded, the follower takes the key over and runs it a "
-        "second time"
-    ),
-)
 async def test_a_load_cancelling_itself_is_its_failure_for_followers_too(
     postgres_server: PostgresServer, pg_table: str
 ) -> None:
@@ -1110,14 +1095,6 @@ class _SkewedTime:
         pytest.param(
             3600.0,
             id="writer-an-hour-ahead",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason=(
-                    "lease.py _seen_fresh/worth_starting: freshness = writer's expires_at (its wall clock) "
-                    "minus the reader's time.time(): prefetch says fresh (False) for an hour after the "
-                    "database expired the value"
-                ),
-            ),
         ),
     ],
 )
@@ -1154,13 +1131,6 @@ async def test_the_writers_wall_clock_does_not_decide_freshness_elsewhere(
         pytest.param(
             3600.0,
             id="writer-an-hour-ahead",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason=(
-                    "failure_ttl is judged from the writer's completed_at (its wall clock) against the "
-                    "reader's clock: B re-raises RemoteLoadError long after failure_ttl"
-                ),
-            ),
         ),
     ],
 )
@@ -1956,14 +1926,6 @@ class _Blackhole:
             await self._server.wait_closed()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "no statement is bounded in time on the read path: _run/_one and LeasedStore.lookup "
-        "await the hit SELECT with no timeout (only connect_timeout=5 at connect, and "
-        "fail_after in _finish/_renew_loop): a get hangs until TCP gives up"
-    ),
-)
 async def test_a_partition_is_a_store_error_not_a_hang(
     postgres_server: PostgresServer, pg_table: str
 ) -> None:
