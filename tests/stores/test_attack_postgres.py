@@ -109,13 +109,6 @@ async def sql(server: PostgresServer, query: str, *params: Any) -> list[tuple[An
 # -- hostile input: table names, DSNs ---------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "_TABLE_RE accepts SQL keywords; schema_sql/_sql/LISTEN use the name unquoted: "
-        "open raises a raw psycopg SyntaxError"
-    ),
-)
 @pytest.mark.parametrize("table", ["user", "select", "order"])
 async def test_a_reserved_word_table_name_is_refused_at_construction_or_works(
     postgres_server: PostgresServer, table: str
@@ -143,14 +136,6 @@ async def test_a_reserved_word_table_name_is_refused_at_construction_or_works(
     assert left == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "PostgresBackend.open starts listener+sweep tasks before _create; a non-"
-        "OperationalError (InsufficientPrivilege) escapes LeasedStore.open raw, aclose "
-        "never runs: both tasks leak and loop"
-    ),
-)
 async def test_a_failed_open_leaves_no_background_task_and_raises_a_clear_error(
     postgres_server: PostgresServer, pg_table: str
 ) -> None:
@@ -178,13 +163,6 @@ async def test_a_failed_open_leaves_no_background_task_and_raises_a_clear_error(
     assert raised.__cause__ is not None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "PostgresStore.__init__ catches only ProgrammingError from conninfo_to_dict: a "
-        "UnicodeEncodeError escapes whose repr holds the whole DSN with its password"
-    ),
-)
 def test_a_dsn_with_a_lone_surrogate_shows_no_password_in_the_error() -> None:
     """A DSN that cannot be encoded (a lone surrogate, e.g. from a badly decoded env
     var): a clear ValueError naming ``dsn_or_pool``, and no password in its str or
@@ -329,14 +307,6 @@ async def test_a_huge_value_round_trips(postgres_server: PostgresServer, pg_tabl
 # -- failures whose text PostgreSQL cannot hold -------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "the complete statement sends error_message as text: NUL -> psycopg.DataError, "
-        "lone surrogate -> UnicodeEncodeError; neither is in _PG_ERRORS, so the waiter "
-        "gets the store's error instead of the load's"
-    ),
-)
 @pytest.mark.parametrize(
     "error",
     [ValueError("binary \x00 in the message"), ValueError("lone surrogate \udcff")],
@@ -367,14 +337,6 @@ async def test_a_failure_whose_message_postgres_cannot_store_still_reaches_its_w
 # -- durations the database cannot hold -------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "now() + ttl * interval '1 second' overflows (DatetimeFieldOverflow, a DataError "
-        "not in _PG_ERRORS): the finished value is thrown away and every waiter gets the "
-        "psycopg error"
-    ),
-)
 async def test_a_huge_ttl_is_refused_or_works(
     postgres_server: PostgresServer, pg_table: str
 ) -> None:
@@ -396,13 +358,6 @@ async def test_a_huge_ttl_is_refused_or_works(
         assert "ttl" in str(exc)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "lease is only checked finite; acquire's now() + lease * interval overflows: "
-        "every get fails with a raw DatetimeFieldOverflow"
-    ),
-)
 async def test_a_huge_lease_is_refused_or_works(
     postgres_server: PostgresServer, pg_table: str
 ) -> None:
@@ -420,14 +375,6 @@ async def test_a_huge_lease_is_refused_or_works(
 # -- the schema under attack: name clashes, a dropped table, rows edited by hand ---------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "_create trusts to_regclass(table): a sequence/other relation of that name "
-        "(another store's T_fence) counts as the table; every get then fails with a raw "
-        "UndefinedColumn"
-    ),
-)
 async def test_a_table_named_like_another_stores_sequence_is_refused_or_works(
     postgres_server: PostgresServer, pg_table: str
 ) -> None:
@@ -494,13 +441,6 @@ async def test_a_row_edited_to_garbage_is_reloaded_never_a_crash(
         assert (await b.status("k")).status is Status.COMPLETED
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "_outcome passes NaN/inf/1e300 times through (float(...)): status crashes in "
-        "snapshots.of_stored with ValueError/OverflowError from datetime.fromtimestamp"
-    ),
-)
 @pytest.mark.parametrize(
     "edit",
     [
@@ -529,13 +469,6 @@ async def test_a_row_with_absurd_times_is_served_and_reported_without_a_crash(
         assert s.saved_seconds == s.saved_seconds  # not NaN
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "_parse_read passes a NaN l_started through: a follower's status raises "
-        "ValueError (datetime.fromtimestamp(NaN))"
-    ),
-)
 async def test_a_live_lease_row_with_absurd_start_is_followed_without_a_crash(
     postgres_server: PostgresServer, pg_table: str
 ) -> None:
@@ -1164,14 +1097,6 @@ async def test_the_writers_wall_clock_does_not_stretch_failure_ttl_elsewhere(
 # -- progress values the store must carry -------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "_progress_json uses json.dumps(allow_nan=False) on Progress.eta, which is inf "
-        "here: publish fails (prefetch.progress_not_shared), the follower never sees the "
-        "progress"
-    ),
-)
 async def test_progress_with_an_extreme_rate_still_reaches_the_follower(
     postgres_server: PostgresServer, pg_table: str
 ) -> None:
@@ -1258,14 +1183,6 @@ async def test_a_statement_timeout_behind_a_locked_row_is_a_store_error(
 # -- more of the schema ---------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "_create runs the (idempotent) DDL only when to_regclass(table) is NULL: a "
-        "missing T_fence is never made; nextval raises UndefinedTable, not in _PG_ERRORS,"
-        " so the waiter gets a raw psycopg error"
-    ),
-)
 async def test_a_table_whose_fence_sequence_is_missing_still_works_or_fails_clearly(
     postgres_server: PostgresServer, pg_table: str
 ) -> None:
@@ -1457,14 +1374,6 @@ async def test_a_failed_refresh_keeps_the_value_on_every_instance(
     assert first.calls == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "_Pool.connection puts a connection back into _idle after close() emptied it: a "
-        "statement in flight at close leaves an open connection (server session) behind "
-        "until GC (ResourceWarning)"
-    ),
-)
 async def test_a_statement_in_flight_when_the_prefetcher_closes_leaves_no_connection(
     postgres_server: PostgresServer, pg_table: str
 ) -> None:
@@ -1546,14 +1455,6 @@ def test_dsns_that_are_not_postgres_are_value_errors_without_the_password(dsn: s
     assert caught.value.__cause__ is None or "s3cr3t" not in repr(caught.value.__cause__)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "_PG_ERRORS holds only OperationalError/InterfaceError/OSError: "
-        "ReadOnlySqlTransaction (a standby) from acquire reaches the waiter raw, never a "
-        "StoreError, and fallback=local is never used"
-    ),
-)
 async def test_a_read_only_database_is_a_store_error(
     postgres_server: PostgresServer, pg_table: str
 ) -> None:
