@@ -69,7 +69,8 @@ async def test_a_table_made_by_a_migration_with_schema_sql_is_used_as_it_is(
     postgres_server: PostgresServer, pg_table: str
 ) -> None:
     ddl = PostgresStore.schema_sql(table=pg_table)
-    assert f"CREATE TABLE IF NOT EXISTS {pg_table}" in ddl and f"{pg_table}_fence" in ddl
+    # quoted identifiers (a table named like a keyword works too)
+    assert f'CREATE TABLE IF NOT EXISTS "{pg_table}"' in ddl and f"{pg_table}_fence" in ddl
     postgres_server.sql(ddl)
     postgres_server.sql(f"INSERT INTO {pg_table} (digest) VALUES ('marker')")
 
