@@ -579,24 +579,29 @@ class PostgresBackend:
                 (self._table,),
             )
             kinds = await self._kinds(cur)
+            self._check_kinds(kinds)
+            if kinds[0] is not None:
+                await self._check_columns(cur)  # before any DDL: a foreign table is refused
             if None in kinds:  # the table or its sequence missing: the idempotent DDL
-                self._check_kinds(kinds)
                 await cur.execute(schema_sql(self._table))
                 kinds = await self._kinds(cur)
-            self._check_kinds(kinds)
-            await cur.execute(
-                "SELECT attname::text FROM pg_attribute WHERE attrelid = to_regclass(%s)"
-                " AND attnum > 0 AND NOT attisdropped",
-                (_q(self._table),),
-            )
-            missing = set(_ALL_COLS) - {r[0] for r in await cur.fetchall()}
-            if missing:
-                raise SchemaError(
-                    f"the table {self._table!r} is not a PostgresStore's: it has no column "
-                    f"{', '.join(sorted(missing))} (another application's table? use another "
-                    "table=)"
-                )
+                self._check_kinds(kinds)
+                await self._check_columns(cur)
         self._ready = True
+
+    async def _check_columns(self, cur: psycopg.AsyncCursor[Any]) -> None:
+        await cur.execute(
+            "SELECT attname::text FROM pg_attribute WHERE attrelid = to_regclass(%s)"
+            " AND attnum > 0 AND NOT attisdropped",
+            (_q(self._table),),
+        )
+        missing = set(_ALL_COLS) - {r[0] for r in await cur.fetchall()}
+        if missing:
+            raise SchemaError(
+                f"the table {self._table!r} is not a PostgresStore's: it has no column "
+                f"{', '.join(sorted(missing))} (another application's table? use another "
+                "table=)"
+            )
 
     async def _kinds(self, cur: psycopg.AsyncCursor[Any]) -> tuple[str | None, str | None]:
         """The kinds (``pg_class.relkind``) of the relations named like the table and its
