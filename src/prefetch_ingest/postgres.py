@@ -33,6 +33,7 @@ import contextlib
 import json
 import math
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Final, Literal, TypeVar
 
@@ -65,7 +66,23 @@ _PG_ERRORS: Final = (psycopg.OperationalError, psycopg.InterfaceError, OSError)
 (``AdminShutdown`` is an ``OperationalError``), a pool that gives no connection in
 time (``PoolTimeout``) or is closed (``PoolClosed``), both ``OperationalError``\\ s."""
 
+_STORE_ERRORS: Final = (psycopg.Error, OSError)
+""""The store failed": any error of the database, not only an unreachable one. A
+server that refuses writes (a hot standby: ``ReadOnlySqlTransaction``), a role
+without the privileges, a schema edited underneath, a value the server cannot hold:
+the lease algorithm treats each as the store failing (StoreError with the cause, or
+``fallback="local"``), never as a raw psycopg error to a load's waiters."""
+
 _IDLE: Final = psycopg.pq.TransactionStatus.IDLE
+
+_MAX_SECONDS: Final = 1e10
+"""The longest lease (about 317 years) and the longest ttl the database is told: ``now()
++ interval`` must stay a timestamp PostgreSQL holds (up to the year 294276); a longer
+ttl is kept forever (``infinity``)."""
+
+_MAX_TIME: Final = 2.5e11
+"""Times (seconds since the epoch) read from a row are within 0 … this (before the year
+9900, what :func:`datetime.datetime.fromtimestamp` takes); others are corrupt."""
 
 _NOTE_S: Final = 30.0
 """How long a failure note stays for the followers of a failed refresh (seconds)."""
@@ -118,11 +135,22 @@ def _require_asyncio() -> None:
         ) from None
 
 
+def _q(name: str) -> str:
+    """An identifier, quoted (``user``, ``order`` are keywords); names are checked
+    against ``_TABLE_RE`` first, so there is no quote in them to escape."""
+    return f'"{name}"'
+
+
 def schema_sql(table: str) -> str:
-    """The DDL of the store's table, sequence and index (idempotent)."""
+    """The DDL of the store's table, sequence and index (idempotent).
+
+    Also the repair of a table whose sequence is missing: the sequence is made to
+    start above both the database clock in microseconds and every fence in the table.
+    """
     t = _check_table(table)
+    q = _q(t)
     return f"""
-CREATE TABLE IF NOT EXISTS {t} (
+CREATE TABLE IF NOT EXISTS {q} (
     digest text PRIMARY KEY,
     o_ok boolean, o_token text, o_fence bigint, o_started float8, o_completed float8,
     o_background boolean, o_payload bytea, o_error_type text, o_error_message text,
@@ -134,11 +162,12 @@ CREATE TABLE IF NOT EXISTS {t} (
     gone_at timestamptz GENERATED ALWAYS AS
         (GREATEST(o_until, l_until, n_until, '-infinity'::timestamptz)) STORED
 );
-CREATE INDEX IF NOT EXISTS {t}_gone_at ON {t} (gone_at);
+CREATE INDEX IF NOT EXISTS {_q(t + "_gone_at")} ON {q} (gone_at);
 DO $$ BEGIN
-    IF to_regclass('{t}_fence') IS NULL THEN
-        EXECUTE format('CREATE SEQUENCE {t}_fence START %s',
-                       floor(extract(epoch FROM clock_timestamp()) * 1000000)::bigint);
+    IF to_regclass('{_q(t + "_fence")}') IS NULL THEN
+        EXECUTE format('CREATE SEQUENCE %I START %s', '{t}_fence', GREATEST(
+            floor(extract(epoch FROM clock_timestamp()) * 1000000)::bigint,
+            (SELECT coalesce(max(GREATEST(o_fence, l_fence)), 0) + 1 FROM {q})));
     END IF;
 END $$;
 """.strip()
@@ -164,7 +193,7 @@ _NO_LEASE: Final = ", ".join(f"{c} = NULL" for c in _LEASE_COLS)
 
 def _sql(table: str) -> dict[str, str]:
     """Every statement of the backend, for one table (one round trip each)."""
-    t = table
+    t, seq = _q(table), _q(table + "_fence")
     o_sel = ", ".join(_OUT_COLS[:-1])
     live = "o_until > now(), l_until > now(), n_until > now()"
     row = f"{o_sel}, {', '.join(_LEASE_COLS[:-1])}, {', '.join(_NOTE_COLS[:-1])}, {live}"
@@ -207,7 +236,7 @@ def _sql(table: str) -> dict[str, str]:
         "acquire": f"""
 WITH up AS (
     INSERT INTO {t} AS e (digest, {", ".join(_LEASE_COLS)})
-    VALUES (%(digest)s, %(token)s, nextval('{t}_fence'), %(started)s, %(background)s, NULL,
+    VALUES (%(digest)s, %(token)s, nextval('{seq}'), %(started)s, %(background)s, NULL,
             now() + %(lease)s * interval '1 second')
     ON CONFLICT (digest) DO UPDATE SET {take_set}
     RETURNING e.l_token = %(token)s AS took, 's' AS ev, {e_row}
@@ -255,12 +284,39 @@ SELECT (SELECT n_token FROM up), (SELECT count(*) FROM n)""",
     }
 
 
+def _json_number(x: float | None) -> float | str | None:
+    """JSON has no infinity or NaN: those travel as the strings ``inf``, ``-inf``, ``nan``
+    (an ETA overflows to infinity for a tiny rate)."""
+    return str(x) if x is not None and not math.isfinite(x) else x
+
+
 def _progress_json(p: Progress) -> str:
-    return json.dumps([p.done, p.total, p.message, p.eta], allow_nan=False)
+    return json.dumps(
+        [_json_number(p.done), _json_number(p.total), p.message, _json_number(p.eta)],
+        allow_nan=False,
+    )
 
 
 def _number(value: object) -> float | None:
+    if type(value) is str and value in ("inf", "-inf", "nan"):
+        return float(value)
     return float(value) if type(value) in (int, float) else None  # type: ignore[arg-type]
+
+
+def _pg_text(text: str | None) -> str | None:
+    """Text a PostgreSQL ``text`` column holds: a NUL escaped (``\\x00``), a lone
+    surrogate (not UTF-8) as its backslash escape; any other text unchanged."""
+    if text is None:
+        return None
+    return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _time(value: object) -> float | None:
+    """A time read from a row, or None when it is not one (NaN, infinite, absurd)."""
+    if type(value) not in (int, float):
+        return None
+    t = float(value)  # type: ignore[arg-type]
+    return t if 0.0 <= t <= _MAX_TIME else None
 
 
 def _parse_progress(text: str | None) -> Progress | None:
@@ -281,19 +337,24 @@ def _parse_progress(text: str | None) -> Progress | None:
 def _outcome(r: tuple[Any, ...]) -> Outcome | None:
     """Columns o_ok … o_expires (10) as an Outcome; None for a row that is not one of ours."""
     ok, token, fence, started, completed, background, payload, etype, emsg, expires = r
-    if not isinstance(token, str) or not isinstance(fence, int) or started is None:
+    if not isinstance(token, str) or not isinstance(fence, int):
+        return None
+    # times edited to NaN, infinity, 1e300: corrupt (the key is loaded again), as a
+    # status or a duration made of them would fail or lie
+    started, completed = _time(started), _time(0.0 if completed is None else completed)
+    if started is None or completed is None:
         return None
     return Outcome(
         bool(ok),
         token,
         fence,
-        float(started),
-        float(completed or 0.0),
+        started,
+        completed,
         bool(background),
         bytes(payload) if ok and payload is not None else b"",
         None if ok else (etype or "Exception"),
         None if ok else (emsg or ""),
-        None if expires is None or math.isnan(expires) else float(expires),
+        _time(expires),  # informational (o_until decides): an absurd one is "none known"
     )
 
 
@@ -303,8 +364,17 @@ def _parse_read(r: tuple[Any, ...]) -> Read:
     outcome = _outcome(r[:10]) if o_live else None
     run = None
     token, fence, started, background, progress = r[10:15]
-    if l_live and isinstance(token, str) and isinstance(fence, int) and started is not None:
-        run = Run(token, fence, float(started), bool(background), _parse_progress(progress))
+    if l_live and isinstance(token, str) and isinstance(fence, int):
+        # a live lease is followed whatever its start says; an absurd start (NaN) is
+        # shown as "now" rather than crash a status
+        start = _time(started)
+        run = Run(
+            token,
+            fence,
+            time.time() if start is None else start,
+            bool(background),
+            _parse_progress(progress),
+        )
     cancelled = failed = None
     n_token, n_failed, n_etype, n_emsg = r[15:19]
     if n_live and isinstance(n_token, str):
@@ -331,6 +401,24 @@ class _Signal:
         self.event = anyio.Event()
 
 
+class SchemaError(psycopg.ProgrammingError):
+    """The store's table name belongs to something that is not the store's table (a
+    sequence, a view, another application's table): the store fails (a StoreError)."""
+
+
+_RELKINDS: Final = {
+    "S": "sequence",
+    "v": "view",
+    "m": "materialized view",
+    "i": "index",
+    "I": "index",
+    "f": "foreign table",
+    "c": "composite type",
+    "t": "TOAST table",
+}
+_ALL_COLS: Final = ("digest", *_OUT_COLS, *_LEASE_COLS, *_NOTE_COLS, "gone_at")
+
+
 class PoolExhausted(psycopg.OperationalError):
     """Every connection of the store's pool stayed busy for ``pool_timeout`` seconds."""
 
@@ -352,9 +440,12 @@ class _Pool:
         self._timeout = timeout
         self._slots = anyio.Semaphore(size)
         self._idle: list[psycopg.AsyncConnection[Any]] = []
+        self._closed = False
 
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        if self._closed:
+            raise psycopg_pool.PoolClosed("the PostgresStore's pool is closed")
         try:
             self._slots.acquire_nowait()  # the usual case: no timer to set up
         except anyio.WouldBlock:
@@ -371,8 +462,8 @@ class _Pool:
             if conn is None:
                 conn = await psycopg.AsyncConnection.connect(self.conninfo, **self.kwargs)
             yield conn
-            if not conn.closed and conn.info.transaction_status == _IDLE:
-                self._idle.append(conn)
+            if not self._closed and not conn.closed and conn.info.transaction_status == _IDLE:
+                self._idle.append(conn)  # after close: closed below, never kept
                 conn = None
         finally:
             self._slots.release()
@@ -388,13 +479,14 @@ class _Pool:
                 await conn.close()
 
     async def close(self) -> None:
+        self._closed = True  # a statement in flight now closes its connection when done
         await self.check()
 
 
 class PostgresBackend:
     """The shared-store primitives on PostgreSQL (see :mod:`prefetch_ingest.stores.interface`)."""
 
-    errors: tuple[type[BaseException], ...] = _PG_ERRORS
+    errors: tuple[type[BaseException], ...] = _STORE_ERRORS
 
     def __init__(
         self,
@@ -464,7 +556,17 @@ class PostgresBackend:
                 self._sweep_loop(), name=f"prefetch_ingest postgres sweep {self._table}"
             ),
         ]
-        await self._run(self._create)
+        try:
+            await self._run(self._create)
+        except BaseException as exc:
+            # the store's failures (an outage, a role without privileges, a foreign
+            # table) are the lease algorithm's: it closes the backend, or with
+            # fallback="local" keeps it (the listener, the sweep) until the server answers;
+            # anything else (a bug, a cancellation) leaves no task behind
+            if not isinstance(exc, _STORE_ERRORS):
+                with anyio.CancelScope(shield=True):
+                    await self.aclose()
+            raise
         with anyio.move_on_after(self._poll * 5):
             await self._listening.wait()  # notifications from the start (bounded: polls cover)
 
@@ -476,10 +578,55 @@ class PostgresBackend:
                 "SELECT pg_advisory_xact_lock(hashtext('prefetch_ingest schema ' || %s))",
                 (self._table,),
             )
-            exists = await (await cur.execute("SELECT to_regclass(%s)", (self._table,))).fetchone()
-            if exists is None or exists[0] is None:
+            kinds = await self._kinds(cur)
+            self._check_kinds(kinds)
+            if kinds[0] is not None:
+                await self._check_columns(cur)  # before any DDL: a foreign table is refused
+            if None in kinds:  # the table or its sequence missing: the idempotent DDL
                 await cur.execute(schema_sql(self._table))
+                kinds = await self._kinds(cur)
+                self._check_kinds(kinds)
+                await self._check_columns(cur)
         self._ready = True
+
+    async def _check_columns(self, cur: psycopg.AsyncCursor[Any]) -> None:
+        await cur.execute(
+            "SELECT attname::text FROM pg_attribute WHERE attrelid = to_regclass(%s)"
+            " AND attnum > 0 AND NOT attisdropped",
+            (_q(self._table),),
+        )
+        missing = set(_ALL_COLS) - {r[0] for r in await cur.fetchall()}
+        if missing:
+            raise SchemaError(
+                f"the table {self._table!r} is not a PostgresStore's: it has no column "
+                f"{', '.join(sorted(missing))} (another application's table? use another "
+                "table=)"
+            )
+
+    async def _kinds(self, cur: psycopg.AsyncCursor[Any]) -> tuple[str | None, str | None]:
+        """The kinds (``pg_class.relkind``) of the relations named like the table and its
+        sequence; None for a missing one."""
+        await cur.execute(
+            "SELECT (SELECT relkind::text FROM pg_class WHERE oid = to_regclass(%s)),"
+            " (SELECT relkind::text FROM pg_class WHERE oid = to_regclass(%s))",
+            (_q(self._table), _q(self._table + "_fence")),
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        return row[0], row[1]
+
+    def _check_kinds(self, kinds: tuple[str | None, str | None]) -> None:
+        table, sequence = kinds
+        if table not in (None, "r", "p"):
+            raise SchemaError(
+                f"{self._table!r} is a {_RELKINDS.get(table, 'relation')}, not a table "
+                "(another store's fence sequence? use another table=)"
+            )
+        if sequence not in (None, "S"):
+            raise SchemaError(
+                f"{self._table + '_fence'!r}, the fence sequence of table {self._table!r}, is "
+                f"a {_RELKINDS.get(sequence, 'relation')}, not a sequence (use another table=)"
+            )
 
     async def aclose(self) -> None:
         tasks, self._tasks = self._tasks, []
@@ -603,10 +750,13 @@ class PostgresBackend:
                 completed=o.completed_at,
                 background=o.background,
                 payload=o.payload if o.ok else None,
-                etype=o.error_type,
-                emsg=o.error_message,
-                expires=o.expires_at,
-                keep=keep,
+                # text PostgreSQL cannot hold (a NUL, a lone surrogate) would fail the
+                # write: escaped, so the failure is recorded as the load raised it
+                etype=_pg_text(o.error_type),
+                emsg=_pg_text(o.error_message),
+                expires=o.expires_at if _time(o.expires_at) is not None else None,
+                # a ttl beyond any timestamp (1e15 s) is kept forever
+                keep=None if keep is None or keep > _MAX_SECONDS else keep,
             ),
             retry=False,  # not idempotent: the lease algorithm retries and checks
         )
@@ -677,7 +827,7 @@ class PostgresBackend:
                 conninfo, kwargs = await self._conninfo()
                 conn = await psycopg.AsyncConnection.connect(conninfo, **kwargs)
                 try:
-                    await conn.execute(f"LISTEN {self._table}")
+                    await conn.execute(f"LISTEN {_q(self._table)}")
                     self.listener_pid = conn.info.backend_pid
                     if self._listening is not None:
                         self._listening.set()
@@ -764,12 +914,13 @@ class PostgresStore(LeasedStore):
         dsn: str | None = None
         pool: psycopg_pool.AsyncConnectionPool[Any] | None = None
         if isinstance(dsn_or_pool, str):
+            parsed = True
             try:
                 conninfo_to_dict(dsn_or_pool)
-            except psycopg.ProgrammingError:
-                raise ValueError(
-                    f"dsn_or_pool: not a PostgreSQL DSN: {redact(dsn_or_pool)!r}"
-                ) from None
+            except (psycopg.ProgrammingError, ValueError):  # a lone surrogate: UnicodeError
+                parsed = False
+            if not parsed:  # raised here, not in the except: no chained error shows the DSN
+                raise ValueError(f"dsn_or_pool: not a PostgreSQL DSN: {redact(dsn_or_pool)!r}")
             dsn = dsn_or_pool
         elif isinstance(dsn_or_pool, psycopg_pool.AsyncConnectionPool):
             pool = dsn_or_pool
@@ -779,6 +930,11 @@ class PostgresStore(LeasedStore):
                 f"got {type(dsn_or_pool).__name__}"
             )
         _check_table(table)
+        if check_duration("lease", lease, allow_zero=False) > _MAX_SECONDS:
+            raise ValueError(
+                f"lease must be at most {_MAX_SECONDS:.0e} seconds (about 300 years: "
+                f"now() + lease must be a PostgreSQL timestamp), got {lease!r}"
+            )
         if type(pool_size) is not int or pool_size < 1:
             raise ValueError(f"pool_size must be a positive int, got {pool_size!r}")
         pool_timeout = check_duration("pool_timeout", pool_timeout, allow_zero=False)

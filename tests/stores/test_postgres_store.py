@@ -9,7 +9,7 @@ import psycopg_pool
 import pytest
 from psycopg.rows import dict_row
 
-from prefetch_ingest import Prefetcher
+from prefetch_ingest import Prefetcher, StoreError, current_fence
 from prefetch_ingest.postgres import PostgresStore, redact
 from tests.postgres_server import PostgresServer, pg_table, postgres_server
 
@@ -69,7 +69,8 @@ async def test_a_table_made_by_a_migration_with_schema_sql_is_used_as_it_is(
     postgres_server: PostgresServer, pg_table: str
 ) -> None:
     ddl = PostgresStore.schema_sql(table=pg_table)
-    assert f"CREATE TABLE IF NOT EXISTS {pg_table}" in ddl and f"{pg_table}_fence" in ddl
+    # quoted identifiers (a table named like a keyword works too)
+    assert f'CREATE TABLE IF NOT EXISTS "{pg_table}"' in ddl and f"{pg_table}_fence" in ddl
     postgres_server.sql(ddl)
     postgres_server.sql(f"INSERT INTO {pg_table} (digest) VALUES ('marker')")
 
@@ -120,3 +121,53 @@ async def test_an_application_pool_with_dict_rows_and_transactions_is_served_as_
         assert runs == 1 and not pool.closed
     finally:
         await pool.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_missing_fence_sequence_is_made_again_above_every_fence_of_the_table(
+    postgres_server: PostgresServer, pg_table: str
+) -> None:
+    """The table is there but its sequence is not (at open, then dropped while open):
+    the sequence is created again, starting above the greatest fence in the table, so a
+    fence handed out is still greater than every earlier one."""
+    fences: list[int | None] = []
+
+    async def load(key: str) -> str:
+        fences.append(current_fence())
+        return key
+
+    high = 9_000_000_000_000_000_000
+    postgres_server.sql(PostgresStore.schema_sql(pg_table))
+    postgres_server.sql(f"INSERT INTO {pg_table} (digest, o_fence) VALUES ('old', {high})")
+    postgres_server.sql(f"DROP SEQUENCE {pg_table}_fence")
+    async with Prefetcher(load, store=PostgresStore(postgres_server.dsn, table=pg_table)) as pf:
+        assert await pf.get("k") == "k"
+        postgres_server.sql(f"DROP SEQUENCE {pg_table}_fence")  # while open
+        assert await pf.get("k2") == "k2"
+    first, second = fences
+    assert first is not None and second is not None and high < first < second
+
+
+@pytest.mark.postgres
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_another_applications_table_of_that_name_is_a_clear_store_error(
+    postgres_server: PostgresServer, pg_table: str
+) -> None:
+    """A table of that name without the store's columns: the open fails with a
+    StoreError naming the missing columns, before any DDL touches it."""
+    postgres_server.sql(f"CREATE TABLE {pg_table} (id int)")
+    try:
+        with pytest.raises(StoreError, match="no column") as caught:
+            async with Prefetcher(store=PostgresStore(postgres_server.dsn, table=pg_table)):
+                pass
+        assert caught.value.__cause__ is not None
+        columns = postgres_server.sql(
+            "SELECT count(*) FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attnum > 0",
+            pg_table,
+        )
+        assert columns == [(1,)]  # untouched
+    finally:
+        postgres_server.sql(f"DROP TABLE {pg_table}")
