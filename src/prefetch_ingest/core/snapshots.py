@@ -24,6 +24,15 @@ _COMPLETED = Status.COMPLETED
 _FAILED = Status.FAILED
 
 
+def _datetime(t: float) -> datetime | None:
+    """Epoch seconds as an aware datetime; None for a time no datetime can hold (an
+    expiry of a ttl of 1e15 s, say: in effect never)."""
+    try:
+        return datetime.fromtimestamp(t, UTC)
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
 class Snapshots:
     """Makes the :class:`Snapshot` of a key from its record."""
 
@@ -40,7 +49,7 @@ class Snapshots:
     def wall(self, mono: float | None) -> datetime | None:
         if mono is None or mono == _INF:
             return None
-        return datetime.fromtimestamp(mono + self.wall_offset, UTC)
+        return _datetime(mono + self.wall_offset)
 
     def expires(self, done: float) -> datetime | None:
         return None if self.ttl == _INF else self.wall(done + self.ttl)
@@ -83,7 +92,7 @@ class Snapshots:
         started = self.wall(flight.started)
         background = flight.background
         if remote is not None and remote.started_at is not None:
-            started = datetime.fromtimestamp(remote.started_at, UTC)
+            started = _datetime(remote.started_at)
             background = remote.background
         failed = flight.status is _FAILED
         error = flight.error
@@ -132,7 +141,7 @@ class Snapshots:
         """The snapshot of what a shared store holds for ``key`` (wall-clock times)."""
 
         def wall(t: float | None) -> datetime | None:
-            return None if t is None else datetime.fromtimestamp(t, UTC)
+            return None if t is None else _datetime(t)
 
         return Snapshot(
             key=key,
