@@ -16,6 +16,7 @@ from prefetch_ingest._redis_records import dump_outcome, parse_lease, parse_outc
 from prefetch_ingest.redis import RedisStore, current_fence
 from prefetch_ingest.stores.interface import Outcome
 
+from .postgres_server import postgres_server
 from .redis_server import RedisServer, redis_server_fixture
 from .test_examples import postgres_admin_dsn, postgres_url
 from .test_redis_store import lease_key, opened, record_key
@@ -23,7 +24,8 @@ from .test_redis_store import lease_key, opened, record_key
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
 redis_server = redis_server_fixture()
-__all__ = ["postgres_admin_dsn", "postgres_url"]  # fixtures used here, defined there
+# fixtures used here, defined there
+__all__ = ["postgres_admin_dsn", "postgres_server", "postgres_url"]
 
 
 @pytest.fixture
