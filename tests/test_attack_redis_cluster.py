@@ -28,6 +28,7 @@ from prefetch_ingest import (
     report_progress,
 )
 from prefetch_ingest.redis import RedisStore
+from prefetch_ingest.stores.interface import Outcome, Run
 
 from .redis_cluster import Cluster, SentinelSet, cluster_fixture, sentinel_fixture
 from .redis_server import RedisServer, redis_server_fixture
@@ -399,16 +400,7 @@ async def test_more_replicas_than_exist_delay_only_the_owner(cluster: Cluster) -
     assert not [e for e in logs if e["event"] == "prefetch.store_unavailable"]
 
 
-@pytest.mark.filterwarnings("ignore:Unclosed client session:ResourceWarning")  # the leak
 @pytest.mark.redis
-@pytest.mark.xfail(
-    strict=True,
-    reason="RedisStore accepts a replica_timeout of lease / 3 or more, but LeasedStore's "
-    "_complete bounds backend.complete (script + WAIT) by fail_after(lease / 3): the WAIT is "
-    "cut, the store is marked down and 'prefetch.store_unavailable' (error, operation "
-    "'complete', TimeoutError) is logged for a healthy Redis; the documented "
-    "'prefetch.redis_replication_short' never appears",
-)
 async def test_a_long_replica_timeout_is_refused_or_reported_as_a_shortfall(
     cluster: Cluster,
 ) -> None:
@@ -433,10 +425,7 @@ async def test_a_long_replica_timeout_is_refused_or_reported_as_a_shortfall(
                     assert await pf.get("k", load) == "v"
         return logs
 
-    try:
-        logs = await run()
-    finally:
-        _collect_leaked_clients()  # the leak of the next test: not in another test
+    logs = await run()
     assert not [e for e in logs if e["event"] == "prefetch.store_unavailable"]
     (short,) = [e for e in logs if e["event"] == "prefetch.redis_replication_short"]
     assert (short["replicas"], short["acknowledged"]) == (1, 0)
@@ -542,17 +531,7 @@ async def test_a_sentinel_whose_master_is_down_is_a_store_error_without_the_secr
     assert SECRET not in repr(store)
 
 
-@pytest.mark.filterwarnings("ignore:Unclosed client session:ResourceWarning")  # the leak
 @pytest.mark.redis
-@pytest.mark.xfail(
-    strict=True,
-    reason="a WAIT cut by a cancellation (here LeasedStore._complete's fail_after(lease / 3)) "
-    "leaks the single-connection client of RedisBackend.complete's 'async with "
-    "plain.client() as one': redis-py's __aexit__ awaits asyncio.shield(...), which the "
-    "still-cancelled scope interrupts, so aclose() never runs; the connection stays in use "
-    "in the node's pool (a plain ConnectionPool of 64: 'Too many connections' after 64 such "
-    "completions) and 'Unclosed Redis client' is warned at garbage collection",
-)
 async def test_a_cut_wait_returns_its_connection_to_the_pool(cluster: Cluster) -> None:
     async def load() -> str:
         return "v"
@@ -572,6 +551,42 @@ async def test_a_cut_wait_returns_its_connection_to_the_pool(cluster: Cluster) -
     finally:
         _collect_leaked_clients()  # the leaked client: not in another test
     assert in_use == 0
+
+
+@pytest.mark.redis
+async def test_a_wait_cut_by_a_cancellation_returns_its_connection(cluster: Cluster) -> None:
+    """The completion's WAIT (no replica: it runs its whole timeout) is cancelled: its
+    connection goes back to the node's pool, not leaked (the store bounds the WAIT by any
+    deadline it runs under, so this cut is a cancellation without one)."""
+    store = RedisStore(cluster.url, lease=30.0, replicas=1, replica_timeout=5.0)
+    backend = store._redis
+    try:
+        async with Prefetcher(store=store):
+            for i in range(3):  # three keys, three cut WAITs
+                digest = str(i) * 32
+                run = Run(token=f"t{i}" * 8, fence=0, started_at=0.0, background=False)
+                acquired = await backend.acquire(digest, run, 30.0, force=False, accept=frozenset())
+                assert acquired.fence is not None
+                outcome = Outcome(
+                    ok=True,
+                    token=run.token,
+                    fence=acquired.fence,
+                    started_at=0.0,
+                    completed_at=0.0,
+                    background=False,
+                    payload=b'"v"',
+                )
+                began = anyio.current_time()
+                async with anyio.create_task_group() as tg:  # no deadline: a cancellation
+                    tg.start_soon(backend.complete, digest, outcome, None)
+                    await anyio.sleep(0.3)
+                    tg.cancel_scope.cancel()
+                assert anyio.current_time() - began < 2.0  # the 5 s WAIT was cut
+            pools = [c.connection_pool for c in backend._node_clients.values()]
+            assert pools
+            assert sum(len(p._in_use_connections) for p in pools) == 0
+    finally:
+        _collect_leaked_clients()
 
 
 @pytest.mark.redis

@@ -108,6 +108,9 @@ _EVICTING_POLICIES: Final = frozenset(
 
 _NAMES_KEPT: Final = 4096
 
+_WAIT_MARGIN: Final = 0.05
+"""The least time (s) a completion keeps after its WAIT for the answer to come back."""
+
 _NOTE_MS: Final = 30_000
 """How long a failure note stays for the followers of a failed refresh (ms)."""
 
@@ -217,7 +220,7 @@ class RedisBackend:
         self._prefix = prefix
         self._poll = poll
         self._replicas = replicas
-        self._replica_timeout_ms = _ms(replica_timeout)
+        self._replica_timeout = replica_timeout
         self._channel = f"{prefix}:notify"
         if client is not None:
             self._where = describe(client)
@@ -481,7 +484,8 @@ class RedisBackend:
             return Completion(int(answer))
         # WAIT counts the replicas that have this connection's writes: one connection
         plain = client if isinstance(client, aioredis.Redis) else self._node_client(names[0])
-        async with plain.client() as one:
+        one = plain.client()
+        try:
             try:
                 answer = await self.scripts["complete"](keys=names, args=args, client=one)
             except _REDIS_ERRORS:
@@ -490,17 +494,13 @@ class RedisBackend:
                 raise
             if int(answer) != 1:
                 return Completion(int(answer))
-            error = None
-            try:
-                acked = int(
-                    await one.execute_command(  # type: ignore[no-untyped-call]
-                        "WAIT", self._replicas, self._replica_timeout_ms
-                    )
-                )
-            except _REDIS_ERRORS as exc:
-                # the completion landed; only its replication is unknown (a master turned
-                # into a replica meanwhile unblocks WAIT with an error): said, not retried
-                acked, error = 0, error_text(exc)
+            acked, error, timeout = await self._wait_for_replicas(one)
+        finally:
+            # the connection goes back to the pool even when the completion is cut (its
+            # deadline, a cancellation): redis-py's own __aexit__ shields the release with
+            # asyncio.shield, which a still-cancelled anyio scope interrupts: a leak per cut
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5.0):
+                await one.aclose()
         if acked < self._replicas:
             _log.logger.warning(
                 "prefetch.redis_replication_short",
@@ -508,12 +508,38 @@ class RedisBackend:
                 digest=digest,
                 replicas=self._replicas,
                 acknowledged=acked,
+                timeout=round(timeout, 3),
                 error=error,
                 detail="the result is stored on the master, but fewer replicas than asked "
                 "for acknowledged it in time: a failover now could lose it (and the key "
                 "would run again)",
             )
         return Completion(int(answer))
+
+    async def _wait_for_replicas(self, one: aioredis.Redis) -> tuple[int, str | None, float]:
+        """``WAIT`` on the completion's connection: (replicas acknowledged, error, timeout).
+
+        The timeout is ``replica_timeout``, cut to fit the time the completion has left
+        (its deadline, ``lease / 3``, less a margin for the answer): a WAIT outlasting it
+        would be cut by that deadline, and a healthy Redis taken for an outage."""
+        timeout = self._replica_timeout
+        deadline = anyio.current_effective_deadline()
+        if math.isfinite(deadline):
+            left = deadline - anyio.current_time()
+            timeout = min(timeout, left - max(_WAIT_MARGIN, left / 5))
+        if timeout < 0.001:
+            return 0, "no time left for WAIT before the completion's deadline (lease / 3)", 0.0
+        try:
+            acked = int(
+                await one.execute_command(  # type: ignore[no-untyped-call]
+                    "WAIT", self._replicas, _ms(timeout)
+                )
+            )
+        except _REDIS_ERRORS as exc:
+            # the completion landed; only its replication is unknown (a master turned
+            # into a replica meanwhile unblocks WAIT with an error): said, not retried
+            return 0, error_text(exc), timeout
+        return acked, None, timeout
 
     async def _forget_node(self, client: RedisCluster, plain: aioredis.Redis) -> None:
         """The node did not take the completion (moved slot, failover): drop its client and
@@ -689,7 +715,8 @@ class RedisStore(LeasedStore):
             to acknowledge it (``0``, the default: do not wait). A shortfall is
             logged (``prefetch.redis_replication_short``) and the result kept:
             the master has it; a failover before the replicas do could lose it.
-        replica_timeout: how long one ``WAIT`` may take, in seconds.
+        replica_timeout: how long one ``WAIT`` may take, in seconds; cut to fit the
+            completion's own budget (``lease / 3``, less a margin for the answer).
     """
 
     kind = "Redis"
