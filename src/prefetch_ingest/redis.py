@@ -280,13 +280,22 @@ class RedisBackend:
             "invalidate": client.register_script(INVALIDATE),
             "cancel": client.register_script(CANCEL),
         }
-        await client.ping()
-        if isinstance(client, aioredis.Redis):
+        try:
             try:
-                await self._check_not_a_cluster_node(client)
-            except ValueError:
-                await self.aclose()  # the connection this store made, not the caller's
-                raise
+                await client.ping()
+            except RedisClusterException as exc:
+                if "cluster mode is not enabled" not in str(exc).lower():
+                    raise
+                raise ValueError(
+                    f"{self._where} is not a Redis Cluster (cluster mode is not enabled on "
+                    "that server): use a redis://host:port/db URL (or rediss://) for one "
+                    "Redis, redis+sentinel:// for a Sentinel deployment"
+                ) from None
+            if isinstance(client, aioredis.Redis):
+                await self._check_a_data_server(client)
+        except ValueError:
+            await self.aclose()  # the connection this store made, not the caller's
+            raise
         await self._check_eviction_policy(client)
         await self._start_reader()  # notifications from the start (fresh marks, wake-ups)
 
@@ -315,9 +324,27 @@ class RedisBackend:
                 if sentinel is not None:
                     await sentinel.aclose()
 
+    async def _check_a_data_server(self, client: aioredis.Redis) -> None:
+        """A ``redis://`` URL (or a plain client) must reach a Redis that holds data.
+
+        To a sentinel, it opens (``PING`` and ``SUBSCRIBE`` work there) and fails every
+        get with "unknown command 'GET'"; to one node of a Redis Cluster, it fails every
+        key of another node's slots with ``MOVED``: both are refused at once, clearly."""
+        try:
+            server: dict[str, Any] = await client.info("server")
+        except _REDIS_ERRORS:  # INFO may be disabled: the first command will tell
+            server = {}
+        if str(server.get("redis_mode", "")) == "sentinel":
+            raise ValueError(
+                f"{self._where} is a Redis Sentinel, not a Redis that holds data: use a "
+                "redis+sentinel://host:port[,host:port...]/service_name[/db] URL, or a "
+                "client from Sentinel.master_for"
+            )
+        await self._check_not_a_cluster_node(client)
+
     async def _check_not_a_cluster_node(self, client: aioredis.Redis) -> None:
-        """A ``redis://`` URL (or a plain client) to one node of a Redis Cluster would fail
-        every key of another node's slots with ``MOVED``: refuse it at once, clearly."""
+        """A plain client to one node of a Redis Cluster would fail every key of another
+        node's slots with ``MOVED``: refuse it at once, clearly."""
         try:
             info: dict[str, Any] = await client.info("cluster")
         except _REDIS_ERRORS:  # INFO may be disabled: the first MOVED will tell
@@ -330,25 +357,38 @@ class RedisBackend:
             )
 
     async def _check_eviction_policy(self, client: Client) -> None:
+        """Warn of an evicting ``maxmemory-policy``: on the one Redis, or on any master of
+        a cluster (a cluster client's ``CONFIG GET`` asks only one node unless told)."""
         try:
-            reply: dict[Any, Any] = await client.config_get("maxmemory-policy")
+            if isinstance(client, RedisCluster):
+                reply: Any = await client.config_get(
+                    "maxmemory-policy", target_nodes=RedisCluster.PRIMARIES
+                )
+            else:
+                reply = await client.config_get("maxmemory-policy")
         except _REDIS_ERRORS:  # CONFIG may be disabled (managed Redis): nothing to check
             return
-        # a cluster client asks every node: {node name: reply}
-        replies = [r for r in reply.values() if isinstance(r, dict)] or [reply]
-        for one in replies:
+        # several nodes asked: {node name: reply}; one node: its reply
+        replies: list[tuple[str | None, Any]]
+        if isinstance(reply, dict) and reply and all(isinstance(r, dict) for r in reply.values()):
+            replies = [(str(name), one) for name, one in reply.items()]
+        else:
+            replies = [(None, reply)]
+        for node, one in replies:
+            if not isinstance(one, dict):
+                continue
             raw = one.get("maxmemory-policy", one.get(b"maxmemory-policy", b""))
             policy = raw.decode() if isinstance(raw, bytes) else str(raw)
             if policy in _EVICTING_POLICIES:
-                break
-        if policy in _EVICTING_POLICIES:
-            _log.logger.warning(
-                "prefetch.redis_eviction_policy",
-                where=self._where,
-                policy=policy,
-                hint="Redis may evict leases and results under memory pressure: a key could "
-                "run twice; use maxmemory-policy noeviction for the store's database",
-            )
+                _log.logger.warning(
+                    "prefetch.redis_eviction_policy",
+                    where=self._where,
+                    node=node,
+                    policy=policy,
+                    hint="Redis may evict leases and results under memory pressure: a key "
+                    "could run twice; use maxmemory-policy noeviction for the store's "
+                    "database (on every master of a cluster)",
+                )
 
     def debug_counts(self) -> dict[str, int]:
         return {
