@@ -92,13 +92,6 @@ def test_bad_url_is_a_value_error_without_the_secret(url: str) -> None:
     assert SECRET not in str(caught.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="accepted at construction: a negative or huge Sentinel db number (int() of the "
-    "path segment, no range check), an unbracketed IPv6 host (host ':' port 1), ports that "
-    "int() is lenient about ('7_000', ' 7000'); a max_connections of '²' passes isdigit() "
-    "and fails int() with a ValueError that names neither the option nor the URL",
-)
 @pytest.mark.parametrize(
     ("url", "match"),
     [
@@ -115,13 +108,6 @@ def test_bad_url_accepted_or_unclear(url: str, match: str) -> None:
         RedisStore(url)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a password with an unencoded '/', '#' or '?' (or a secret-looking unknown "
-    "option such as passwd=) is echoed in the ValueError: redact() only hides what "
-    "urlsplit() parses as the password, and parse_multi's 'bad port' / 'unknown option' "
-    "messages print that partial redaction",
-)
 @pytest.mark.parametrize(
     "url",
     [
@@ -129,12 +115,20 @@ def test_bad_url_accepted_or_unclear(url: str, match: str) -> None:
         f"redis+cluster://u:{SECRET}#x@h:1",
         f"redis+sentinel://u:{SECRET}?x@h:1/m",
         f"redis+cluster://h:1?passwd={SECRET}",
+        f"redis://u:{SECRET}/x@h:1/0",  # redis-py would print it as a port, at open
+        f"rediss+cluster://u:{SECRET}/x@h:1",  # the scheme's error too
     ],
 )
 def test_a_secret_is_never_in_a_url_error(url: str) -> None:
     with pytest.raises(ValueError) as caught:
         RedisStore(url)
     assert SECRET not in str(caught.value)
+
+
+def test_an_at_sign_in_an_option_value_is_accepted_and_hidden() -> None:
+    store = RedisStore(f"redis+sentinel://h:1/m?sentinel_password={SECRET}@x")
+    assert store._redis.where.startswith("redis+sentinel://")
+    assert SECRET not in repr(store)
 
 
 def test_repr_hides_master_and_sentinel_passwords() -> None:

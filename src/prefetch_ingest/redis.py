@@ -65,6 +65,8 @@ from ._redis_connect import (
     describe,
     parse_multi,
     sentinel_client,
+    spilled,
+    unsplittable,
 )
 from ._redis_records import (
     CorruptRecord,
@@ -92,7 +94,7 @@ _REDIS_ERRORS: Final = (RedisError, RedisClusterException, OSError)
 Client = aioredis.Redis | RedisCluster
 """The clients the store accepts (a Sentinel master client is an ``aioredis.Redis``)."""
 
-_SECRET_PARAMS: Final = frozenset({"password", "pass", "pwd", "secret", "token", "auth"})
+_SECRET_PARAMS: Final = frozenset({"password", "pass", "passwd", "pwd", "secret", "token", "auth"})
 
 _EVICTING_POLICIES: Final = frozenset(
     {
@@ -119,6 +121,8 @@ def redact(url: str) -> str:
     """The URL with no secret in it: the user part's password and secret query values."""
     try:
         parts = urlsplit(url)
+        if unsplittable(url):  # a password with an unencoded '/', '?' or '#': show no part
+            return f"{parts.scheme.lower()}://<the rest hidden: it may hold the password>"
         netloc = parts.netloc
         userinfo, at, hosts = netloc.rpartition("@")
         if at and ":" in userinfo:  # also for the host lists of Sentinel and Cluster URLs
@@ -776,7 +780,16 @@ class RedisStore(LeasedStore):
         url: str | None = None
         client: Client | None = None
         if isinstance(url_or_client, str):
-            scheme = urlsplit(url_or_client).scheme.lower()
+            try:
+                scheme = urlsplit(url_or_client).scheme.lower()
+            except ValueError as exc:  # "Invalid IPv6 URL": no part of the URL in it
+                raise ValueError(f"url_or_client: cannot parse the URL ({exc})") from None
+            if spilled(url_or_client):
+                raise ValueError(
+                    f"url_or_client: the {scheme}:// URL's user part seems to hold an "
+                    "unencoded '/', '?' or '#' (the host would be read from the password): "
+                    "percent-encode the password, urllib.parse.quote(password, safe='')"
+                )
             if scheme not in ("redis", "rediss", "unix", *MULTI_SCHEMES):
                 raise ValueError(
                     "url_or_client must be a redis://, rediss://, unix://, redis+sentinel:// "
