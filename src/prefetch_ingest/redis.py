@@ -110,6 +110,10 @@ _EVICTING_POLICIES: Final = frozenset(
 
 _NAMES_KEPT: Final = 4096
 
+_WAIT_MAX: Final = 2**31 - 1
+"""The largest replica count and timeout (ms) the store passes to ``WAIT`` (Redis takes
+64-bit ones; the store keeps well within them)."""
+
 _WAIT_MARGIN: Final = 0.05
 """The least time (s) a completion keeps after its WAIT for the answer to come back."""
 
@@ -756,11 +760,12 @@ class RedisStore(LeasedStore):
         poll_interval: how often a waiting process re-reads the key even
             without a notification; default ``lease / 10`` clamped to 0.05 … 1 s.
         replicas: after each stored completion, ``WAIT`` for this many replicas
-            to acknowledge it (``0``, the default: do not wait). A shortfall is
+            to acknowledge it (``0``, the default: do not wait; at most 2**31 - 1). A shortfall is
             logged (``prefetch.redis_replication_short``) and the result kept:
             the master has it; a failover before the replicas do could lose it.
         replica_timeout: how long one ``WAIT`` may take, in seconds; cut to fit the
-            completion's own budget (``lease / 3``, less a margin for the answer).
+            completion's own budget (``lease / 3``, less a margin for the answer);
+            at most 2**31 - 1 milliseconds.
     """
 
     kind = "Redis"
@@ -824,7 +829,16 @@ class RedisStore(LeasedStore):
             )
         if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 0:
             raise ValueError(f"replicas must be a non-negative int, got {replicas!r}")
+        if replicas > _WAIT_MAX:
+            raise ValueError(
+                f"replicas must be at most {_WAIT_MAX} (a count for WAIT), got {replicas!r}"
+            )
         replica_timeout = check_duration("replica_timeout", replica_timeout, allow_zero=False)
+        if _ms(replica_timeout) > _WAIT_MAX:
+            raise ValueError(
+                f"replica_timeout must be at most {_WAIT_MAX / 1000} seconds (WAIT's timeout "
+                f"is in milliseconds), got {replica_timeout!r}"
+            )
         if not isinstance(prefix, str) or not prefix:
             raise ValueError(f"prefix must be a non-empty string, got {prefix!r}")
         if "{" in prefix or "}" in prefix:
