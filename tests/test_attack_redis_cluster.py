@@ -716,18 +716,15 @@ async def test_a_replica_reading_cluster_client_never_serves_an_invalidated_valu
     assert replica_gets == 0  # the store's reads went to the master
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="describe() (_redis_connect.py) names every TCP client redis://, also a TLS one: "
-    "repr, errors and logs of a store on an ssl=True client say 'redis://h:1/0', not "
-    "'rediss://h:1/0' (it ignores the pool's connection_class)",
-)
 async def test_a_tls_client_is_described_as_rediss() -> None:
     client = aioredis.Redis(host="h", port=1, ssl=True)
+    plain = aioredis.Redis(host="h", port=1, db=2)
     try:
         assert repr(RedisStore(client)).startswith("RedisStore('rediss://h:1/0'")
+        assert repr(RedisStore(plain)).startswith("RedisStore('redis://h:1/2'")
     finally:
         await client.aclose()
+        await plain.aclose()
 
 
 @pytest.mark.redis

@@ -22,6 +22,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import SSLConnection
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
@@ -299,4 +300,7 @@ def describe(client: aioredis.Redis | RedisCluster) -> str:
     host = str(kwargs.get("host", "localhost"))
     if ":" in host:
         host = f"[{host}]"
-    return f"redis://{host}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"
+    connection_class = getattr(pool, "connection_class", None)
+    tls = isinstance(connection_class, type) and issubclass(connection_class, SSLConnection)
+    scheme = "rediss" if tls else "redis"
+    return f"{scheme}://{host}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"
