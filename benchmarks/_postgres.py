@@ -95,9 +95,9 @@ async def postgres_scenario(sizes: Sizes, say: Any) -> ScenarioResult:
             "together; executions counted in the database.",
         ],
         checks=[
-            Check("postgres: a hit is one statement", per_hit <= 1.0, f"{per_hit:.2f}"),
+            Check("PostgreSQL: a hit is one statement", per_hit <= 1.0, f"{per_hit:.2f}"),
             Check(
-                "postgres: one execution per cold key across 8 processes x 100 callers",
+                "PostgreSQL: one execution per cold key across 8 processes x 100 callers",
                 all(e == 1 for e in execs),
                 f"executions per round: {execs}",
             ),

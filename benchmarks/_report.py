@@ -232,6 +232,19 @@ def verdicts(results: Sequence[ScenarioResult]) -> list[Verdict]:
                     f"{procs} execution(s) ({ours.extra.get('cross_desc', '')})",
                 )
             )
+    pg = _find(results, "postgres")
+    if pg is not None and (ours := pg.row(OURS)) is not None:
+        bare = pg.floor()
+        if ours.value is not None and bare is not None and bare.value:
+            share = bare.value / ours.value
+            out.append(
+                Verdict(
+                    "PostgreSQL: hit rate ≥ 0.5 of a bare primary-key SELECT loop",
+                    share >= 0.5,
+                    f"{share:.2f} of the bare SELECT rate",
+                )
+            )
+        out.extend(Verdict(c.what, c.ok, c.detail) for c in pg.checks)
     sp = _find(results, "speculation")
     if sp is not None:
         out.extend(Verdict(c.what.removeprefix("speculation: "), c.ok, c.detail) for c in sp.checks)
