@@ -179,3 +179,24 @@ async def test_a_partition_with_fallback_local_serves_locally() -> None:
         finally:
             server.resume()
     assert calls == 1
+
+
+async def test_invalidate_and_cancel_in_a_partition_are_store_errors_not_hangs() -> None:
+    """Like a get, an invalidate or a cancel that the server never answers raises
+    StoreError within lease / 3 (they hung)."""
+    server = MemoryServer()
+
+    async def load(key: Any) -> str:
+        return "v"
+
+    async with Prefetcher(load, store=MemoryStore(server, lease=0.6)) as pf:
+        assert await pf.get("k") == "v"
+        server.stall()
+        try:
+            with anyio.fail_after(5):
+                with pytest.raises(StoreError):
+                    await pf.invalidate("k")
+                with pytest.raises(StoreError):
+                    await pf.cancel("k")
+        finally:
+            server.resume()

@@ -197,13 +197,14 @@ class LeasedStore:
             "progress_interval", progress_interval, allow_zero=True
         )
         self._errors: tuple[type[BaseException], ...] = backend.errors
+        # an error, or no answer within _op_timeout: an outage either way
+        self._unanswered: tuple[type[BaseException], ...] = (*backend.errors, TimeoutError)
         backend.on_notice = self._notice
         self._ttl: float | None = None
         self._open = False
         self._digests: dict[Hashable, str] = {}
         self._owned: dict[str, _Owned] = {}
         self._reads: dict[str, _SharedRead] = {}
-        # digest -> (until when a value seen here is fresh (monotonic), its completion time)
         # digest -> (fresh until, completed at), by this process's monotonic clock
         self._fresh: dict[str, tuple[float, float]] = {}
         self._down_at = -math.inf  # when an operation last failed (monotonic)
@@ -331,7 +332,7 @@ class LeasedStore:
                     closed = PrefetcherClosed("the store was closed while this lookup waited")
                     shared.answer = closed
                     raise closed
-            except (*self._errors, TimeoutError) as exc:  # type: ignore[misc]
+            except self._unanswered as exc:
                 if self._fallback is None:
                     error = self._unavailable("read", exc, key)
                     error.__cause__ = exc
@@ -453,7 +454,7 @@ class LeasedStore:
                         # (compare-and-delete)
                         await self._release(key, digest, me.token)
                         raise
-            except (*self._errors, TimeoutError) as exc:  # type: ignore[misc]
+            except self._unanswered as exc:
                 if anyio.current_time() < live_until:
                     # another instance holds a live lease: ride the outage out
                     self._down("follow", exc, key)
@@ -645,7 +646,7 @@ class LeasedStore:
                         there = (await self._backend.read(digest)).outcome
                     if there is not None and there.token == outcome.token:
                         answer = Completion.WRITTEN
-            except (*self._errors, TimeoutError) as exc:  # type: ignore[misc]
+            except self._unanswered as exc:
                 attempted = True
                 self._down("complete", exc, key)
                 if not delivered and deliver is not None:
@@ -707,7 +708,7 @@ class LeasedStore:
                 try:
                     with anyio.fail_after(interval):
                         ok = await backend.renew(digest, token, self._lease, None)
-                except (*self._errors, TimeoutError) as exc:  # type: ignore[misc]
+                except self._unanswered as exc:
                     self._down("renew", exc, key)
                     due = min(due, anyio.current_time() + retry_in)
                     retry_in = min(retry_in * 2, _RENEW_RETRY_MAX, interval)
@@ -719,7 +720,7 @@ class LeasedStore:
                     own.renewed = anyio.current_time()
                     continue
                 with (
-                    contextlib.suppress(*self._errors, TimeoutError),
+                    contextlib.suppress(*self._unanswered),
                     anyio.fail_after(self._op_timeout),
                 ):
                     cancelled = (await backend.read(digest)).cancelled == token
@@ -731,7 +732,7 @@ class LeasedStore:
                 try:
                     with anyio.fail_after(self._op_timeout):  # never stalls the renewals
                         read = await backend.read(digest)
-                except (*self._errors, TimeoutError):  # type: ignore[misc]
+                except self._unanswered:
                     continue
                 if read.run is not None and read.run.token == token:
                     continue
@@ -815,8 +816,9 @@ class LeasedStore:
         digest = self._digest(key)
         self._fresh.pop(digest, None)
         try:
-            return await self._backend.invalidate(digest)
-        except self._errors as exc:
+            with anyio.fail_after(self._op_timeout):
+                return await self._backend.invalidate(digest)
+        except self._unanswered as exc:
             self._fail_or_fall_back("invalidate", exc, key)
             return False
 
@@ -824,8 +826,9 @@ class LeasedStore:
         """Cancel the key's run in whichever instance runs it; True if there was one."""
         digest = self._digest(key)
         try:
-            return await self._backend.cancel(digest, max(self._lease, 5.0)) is not None
-        except self._errors as exc:
+            with anyio.fail_after(self._op_timeout):
+                return await self._backend.cancel(digest, max(self._lease, 5.0)) is not None
+        except self._unanswered as exc:
             self._fail_or_fall_back("cancel", exc, key)
             return False
 
@@ -847,8 +850,9 @@ class LeasedStore:
                 return
         own.last_progress = anyio.current_time()
         try:
-            ok = await self._backend.renew(digest, own.run.token, self._lease, progress)
-        except self._errors as exc:
+            with anyio.fail_after(self._op_timeout):
+                ok = await self._backend.renew(digest, own.run.token, self._lease, progress)
+        except self._unanswered as exc:
             self._down("progress", exc, key)
             return
         if ok:
