@@ -324,7 +324,7 @@ async def test_a_follower_wakes_after_its_notification_connection_is_killed(
         with anyio.fail_after(15):
             await started.wait()
             tg.start_soon(follow)
-            await _until(lambda: any(s.users for s in signals.values()))  # it waits
+            await _until(lambda: signals.waiters() > 0)  # it waits
             assert _kill_pubsub_connections(cluster) >= 2  # both instances' readers
             release.set()
             await served.wait()
@@ -440,7 +440,7 @@ async def test_cancel_from_another_instance_on_a_cluster(cluster: Cluster) -> No
                 await started.wait()
                 tg.start_soon(call, other)
                 signals = other_store._redis._signals
-                await _until(lambda: any(s.users for s in signals.values()))  # it waits
+                await _until(lambda: signals.waiters() > 0)  # it waits
                 assert await other.cancel("k")
                 await ended.wait()
             assert outcomes == ["cancelled", "cancelled"]
@@ -658,7 +658,7 @@ async def test_sigkill_of_the_keys_master_mid_load_runs_it_once(
             await started.wait()
             tg.start_soon(call, follower)
             signals = follower_store._redis._signals
-            await _until(lambda: any(s.users for s in signals.values()))
+            await _until(lambda: signals.waiters() > 0)
             assert master.command("WAIT", "1", "5000") == 1  # the replica has the lease
             master.kill()
             await _until(lambda: cluster.promoted(master), timeout=30)

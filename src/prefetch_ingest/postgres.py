@@ -58,6 +58,7 @@ from ._validate import error_text
 from .stores.codec import Codec, JSONCodec
 from .stores.interface import Acquired, Completion, Outcome, Read, Run
 from .stores.lease import LeasedStore, check_duration, poll_for
+from .stores.signals import Signals, require_asyncio
 
 __all__ = ["Codec", "CodecError", "JSONCodec", "PostgresStore", "current_fence", "redact"]
 
@@ -123,16 +124,6 @@ def _defaults(dsn: str) -> dict[str, Any]:
     """The store's connection settings that the DSN does not set itself."""
     given = conninfo_to_dict(dsn)
     return {k: v for k, v in _CONNECT_DEFAULTS.items() if k not in given}
-
-
-def _require_asyncio() -> None:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        raise RuntimeError(
-            "PostgresStore runs on asyncio only (psycopg's async connections); this code runs "
-            "under another event loop (trio?). Use the in-memory store (store=None) there."
-        ) from None
 
 
 def _q(name: str) -> str:
@@ -387,20 +378,6 @@ def _parse_read(r: tuple[Any, ...]) -> Read:
     return Read(outcome, run, cancelled, failed)
 
 
-class _Signal:
-    """Wake-ups for one key in this process: ``event`` is set, then replaced, per notification."""
-
-    __slots__ = ("event", "users")
-
-    def __init__(self) -> None:
-        self.event = anyio.Event()
-        self.users = 0
-
-    def fire(self) -> None:
-        self.event.set()
-        self.event = anyio.Event()
-
-
 class SchemaError(psycopg.ProgrammingError):
     """The store's table name belongs to something that is not the store's table (a
     sequence, a view, another application's table): the store fails (a StoreError)."""
@@ -512,7 +489,7 @@ class PostgresBackend:
             redact(info) if isinstance(info, str) else "postgresql (the application's pool)"
         )
         self._pool: psycopg_pool.AsyncConnectionPool[Any] | _Pool | None = None
-        self._signals: dict[str, _Signal] = {}
+        self._signals = Signals()
         self._tasks: list[asyncio.Task[None]] = []
         self._listening: anyio.Event | None = None
         self._ready = False  # the table is known to exist
@@ -538,7 +515,7 @@ class PostgresBackend:
     # -- life cycle ----------------------------------------------------------
 
     async def open(self) -> None:
-        _require_asyncio()
+        require_asyncio("PostgresStore", "psycopg's async connections")
         if self._given is not None:
             self._pool = self._given
         else:
@@ -635,8 +612,7 @@ class PostgresBackend:
         if tasks:
             with anyio.CancelScope(shield=True):
                 await asyncio.wait(tasks)
-        for signal in self._signals.values():
-            signal.fire()
+        self._signals.fire_all()
         pool, self._pool = self._pool, None
         if pool is not None and pool is not self._given:
             with anyio.CancelScope(shield=True):
@@ -778,17 +754,7 @@ class PostgresBackend:
         return None if r is None or r[0] is None else str(r[0])
 
     async def wait_change(self, digest: str, timeout: float) -> None:
-        signal = self._signals.get(digest)
-        if signal is None:
-            signal = self._signals[digest] = _Signal()
-        signal.users += 1
-        try:
-            with anyio.move_on_after(timeout):
-                await signal.event.wait()
-        finally:
-            signal.users -= 1
-            if signal.users <= 0 and self._signals.get(digest) is signal:
-                del self._signals[digest]
+        await self._signals.wait(digest, timeout)
 
     async def sweep(self) -> int:
         """Delete the rows with nothing live left (by the index on their last expiry)."""
@@ -836,9 +802,7 @@ class PostgresBackend:
                         digest, _, event = n.payload.partition(":")
                         if self.on_notice is not None:
                             self.on_notice(digest, event)
-                        signal = self._signals.get(digest)
-                        if signal is not None:
-                            signal.fire()
+                        self._signals.fire(digest)
                 finally:
                     with anyio.CancelScope(shield=True), contextlib.suppress(*_PG_ERRORS):
                         await conn.close()
@@ -857,8 +821,7 @@ class PostgresBackend:
         self._wake_all()
 
     def _wake_all(self) -> None:
-        for signal in list(self._signals.values()):
-            signal.fire()
+        self._signals.fire_all()
 
     async def _sweep_loop(self) -> None:
         while True:
@@ -970,7 +933,7 @@ class PostgresStore(LeasedStore):
             RuntimeError: not running on asyncio.
             StoreError: PostgreSQL does not answer (unless ``fallback="local"``).
         """
-        _require_asyncio()
+        require_asyncio("PostgresStore", "psycopg's async connections")
         await super().open(ttl=ttl, failure_ttl=failure_ttl)
 
     async def sweep(self) -> int:

@@ -84,6 +84,7 @@ from ._validate import error_text
 from .stores.codec import Codec, JSONCodec
 from .stores.interface import Acquired, Completion, Outcome, Read, Run
 from .stores.lease import LeasedStore, check_duration, poll_for
+from .stores.signals import Signals, require_asyncio
 
 __all__ = ["Codec", "CodecError", "JSONCodec", "RedisStore", "current_fence"]
 
@@ -184,30 +185,6 @@ def _ms(seconds: float) -> int:
     return max(1, math.ceil(seconds * 1000))
 
 
-def _require_asyncio() -> None:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        raise RuntimeError(
-            "RedisStore runs on asyncio only (it uses redis.asyncio); this code runs under "
-            "another event loop (trio?). Use the in-memory store (store=None) there."
-        ) from None
-
-
-class _Signal:
-    """Wake-ups for one key in this process: ``event`` is set, then replaced, per notification."""
-
-    __slots__ = ("event", "users")
-
-    def __init__(self) -> None:
-        self.event = anyio.Event()
-        self.users = 0
-
-    def fire(self) -> None:
-        self.event.set()
-        self.event = anyio.Event()
-
-
 class RedisBackend:
     """The shared-store primitives on Redis (see :mod:`prefetch_ingest.stores.interface`)."""
 
@@ -241,7 +218,7 @@ class RedisBackend:
         self._node_clients: dict[str, aioredis.Redis] = {}  # cluster node -> client (WAIT)
         self.scripts: dict[str, Any] = {}
         self._names: dict[str, list[str]] = {}
-        self._signals: dict[str, _Signal] = {}
+        self._signals = Signals()
         self._reader: asyncio.Task[None] | None = None
         self._subscribed: anyio.Event | None = None
         self.on_notice: Callable[[str | None, str], None] | None = None
@@ -253,7 +230,7 @@ class RedisBackend:
     # -- life cycle ----------------------------------------------------------
 
     async def open(self) -> None:
-        _require_asyncio()
+        require_asyncio("RedisStore", "it uses redis.asyncio")
         client: Client
         if self._given is not None:
             client = self._given
@@ -316,8 +293,7 @@ class RedisBackend:
                 while not reader.done():
                     reader.cancel()
                     await asyncio.wait({reader}, timeout=0.1)
-        for signal in self._signals.values():
-            signal.fire()
+        self._signals.fire_all()
         self._subscribed = None
         client, self._client = self._client, None
         sentinel, self._sentinel = self._sentinel, None
@@ -641,18 +617,7 @@ class RedisBackend:
         return token.decode("ascii", "replace") if token else None  # the run's token
 
     async def wait_change(self, digest: str, timeout: float) -> None:
-        signal = self._signals.get(digest)
-        if signal is None:
-            signal = self._signals[digest] = _Signal()
-        signal.users += 1
-        try:
-            with anyio.move_on_after(timeout):
-                await self._start_reader()
-                await signal.event.wait()
-        finally:
-            signal.users -= 1
-            if signal.users <= 0 and self._signals.get(digest) is signal:
-                del self._signals[digest]
+        await self._signals.wait(digest, timeout, self._start_reader)
 
     # -- notifications -----------------------------------------------------------
 
@@ -707,9 +672,7 @@ class RedisBackend:
                             digest = data[:32].decode("ascii", "replace")
                             if self.on_notice is not None:
                                 self.on_notice(digest, data[33:34].decode("ascii", "replace"))
-                            signal = self._signals.get(digest)
-                            if signal is not None:
-                                signal.fire()
+                            self._signals.fire(digest)
                     elif kind == "subscribe":
                         subscribed.set()
                         if self.on_notice is not None:
@@ -729,8 +692,7 @@ class RedisBackend:
             await anyio.sleep(self._poll)
 
     def _wake_all(self) -> None:
-        for signal in list(self._signals.values()):
-            signal.fire()
+        self._signals.fire_all()
 
 
 class RedisStore(LeasedStore):
@@ -873,7 +835,7 @@ class RedisStore(LeasedStore):
             RuntimeError: not running on asyncio.
             StoreError: Redis does not answer (unless ``fallback="local"``).
         """
-        _require_asyncio()
+        require_asyncio("RedisStore", "it uses redis.asyncio")
         await super().open(ttl=ttl, failure_ttl=failure_ttl)
 
     # for tests that wrap a script to inject a fault
