@@ -25,7 +25,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -224,6 +224,25 @@ def _counting_client(url: str) -> Any:
     return client
 
 
+async def _interleaved(
+    ours: Callable[[], Awaitable[Any]],
+    bare: Callable[[], Awaitable[Any]],
+    hits: int,
+    repeats: int,
+    ours_samples: list[float],
+    bare_samples: list[float],
+) -> None:
+    """Seconds per call of each, ``hits`` calls per sample, the two interleaved (which
+    goes first alternates), appended to the sample lists."""
+    for r in range(repeats):
+        for which in ("ours", "bare") if r % 2 == 0 else ("bare", "ours"):
+            call, samples = (ours, ours_samples) if which == "ours" else (bare, bare_samples)
+            start = time.perf_counter()
+            for _ in range(hits):
+                await call()
+            samples.append((time.perf_counter() - start) / hits)
+
+
 def _describe(counts: dict[str, int], per: int) -> str:
     return ", ".join(f"{n} {c / per:.2f}" for n, c in sorted(counts.items())) or "none"
 
@@ -377,17 +396,14 @@ async def _measure_cluster(
         await bare.set("bare-hot", b'"value:hot"')
         async with prefetcher(load, store=store(url)) as pf:
             await pf.get("hot")
-            for r in range(sizes.redis_repeats):
-                for which in ("ours", "bare") if r % 2 == 0 else ("bare", "ours"):
-                    start = time.perf_counter()
-                    if which == "ours":
-                        for _ in range(hits):
-                            await pf.get("hot")
-                        ours_samples.append((time.perf_counter() - start) / hits)
-                    else:
-                        for _ in range(hits):
-                            await bare.get("bare-hot")
-                        bare_samples.append((time.perf_counter() - start) / hits)
+            await _interleaved(
+                lambda: pf.get("hot"),
+                lambda: bare.get("bare-hot"),
+                hits,
+                sizes.redis_repeats,
+                ours_samples,
+                bare_samples,
+            )
     finally:
         await bare.aclose()
     say("redis cluster: latency done")
@@ -501,17 +517,14 @@ async def _measure(
     client = aioredis.Redis.from_url(url)
     async with prefetcher(load, store=store(client)) as pf:
         await pf.get(key)
-        for r in range(sizes.redis_repeats):
-            for which in ("ours", "bare") if r % 2 == 0 else ("bare", "ours"):
-                start = time.perf_counter()
-                if which == "ours":
-                    for _ in range(hits):
-                        await pf.get(key)
-                    ours_samples.append((time.perf_counter() - start) / hits)
-                else:
-                    for _ in range(hits):
-                        await bare.get("bare-hot")
-                    bare_samples.append((time.perf_counter() - start) / hits)
+        await _interleaved(
+            lambda: pf.get(key),
+            lambda: bare.get("bare-hot"),
+            hits,
+            sizes.redis_repeats,
+            ours_samples,
+            bare_samples,
+        )
     await client.aclose()
     say("redis: commands and latency done")
 
