@@ -75,6 +75,8 @@ def ctl(server: PostgresServer, name: str) -> int:
 
 
 class Gate:
+    """A load that counts its executions (and their fences) and returns when released."""
+
     def __init__(self, value: Any = "value") -> None:
         self.value = value
         self.calls = 0

@@ -29,12 +29,12 @@ from prefetch_ingest import (
     Status,
     StoreError,
     WrongThreadError,
-    current_fence,
     report_progress,
 )
 from prefetch_ingest.postgres import PostgresStore
 from prefetch_ingest.stores import lease as lease_module
 from tests.postgres_server import PostgresServer, pg_table, postgres_server
+from tests.test_postgres_faults import Gate
 
 __all__ = ["pg_table", "postgres_server"]
 
@@ -44,24 +44,6 @@ pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"  # PostgresStore is asyncio only
-
-
-class Gate:
-    """A load that counts its executions and returns when released."""
-
-    def __init__(self, value: Any = "value") -> None:
-        self.value = value
-        self.calls = 0
-        self.fences: list[int | None] = []
-        self.started = anyio.Event()
-        self.release = anyio.Event()
-
-    async def __call__(self, key: Any) -> Any:
-        self.calls += 1
-        self.fences.append(current_fence())
-        self.started.set()
-        await self.release.wait()
-        return self.value
 
 
 async def until(condition: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
