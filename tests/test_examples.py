@@ -518,6 +518,29 @@ def _browser() -> str | None:
     return None
 
 
+async def _dump_dom(browser: str, url: str, profile: Path) -> subprocess.CompletedProcess[bytes]:
+    """Headless Chromium loads ``url`` and prints the DOM once no request is pending any
+    more (virtual time: the page's own timers run at once, up to 60 s of them)."""
+    return await anyio.run_process(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            "--virtual-time-budget=60000",
+            "--dump-dom",
+            url,
+        ],
+        check=False,
+    )
+
+
 @asyncio_only
 async def test_the_page_in_headless_chromium_ends_with_a_full_progress_bar(
     sqlite_url: str, tmp_path: Path
@@ -536,23 +559,8 @@ async def test_the_page_in_headless_chromium_ends_with_a_full_progress_bar(
             # The page runs the Query, follows the event stream and closes it on
             # completion; with a virtual-time budget, headless Chromium dumps the
             # DOM only once no request is pending any more.
-            done = await anyio.run_process(
-                [
-                    browser,
-                    "--headless",
-                    "--no-sandbox",
-                    "--disable-gpu",
-                    "--disable-quic",
-                    "--no-first-run",
-                    "--disable-background-networking",
-                    "--disable-component-update",
-                    "--disable-sync",
-                    f"--user-data-dir={tmp_path / 'profile'}",
-                    "--virtual-time-budget=60000",
-                    "--dump-dom",
-                    f"{base}/?project=browser&run=run-1&auto=1",
-                ],
-                check=False,
+            done = await _dump_dom(
+                browser, f"{base}/?project=browser&run=run-1&auto=1", tmp_path / "profile"
             )
             async with httpx.AsyncClient(base_url=base) as client:
                 status = (await client.get(run_path("browser", "run-1") + "/ingest/status")).json()
@@ -583,21 +591,7 @@ async def test_the_page_opened_on_a_run_shows_its_state_without_a_click(
         async with under_uvicorn(app) as base:
             async with httpx.AsyncClient(base_url=base) as client:
                 await client.post(run_path("p", "linked") + "/ingest")  # it ran, before the page
-            done = await anyio.run_process(
-                [
-                    browser,
-                    "--headless",
-                    "--no-sandbox",
-                    "--disable-gpu",
-                    "--no-first-run",
-                    "--disable-background-networking",
-                    f"--user-data-dir={tmp_path / 'profile'}",
-                    "--virtual-time-budget=30000",
-                    "--dump-dom",
-                    f"{base}/?project=p&run=linked",
-                ],
-                check=False,
-            )
+            done = await _dump_dom(browser, f"{base}/?project=p&run=linked", tmp_path / "profile")
     dom = done.stdout.decode()
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     # completed by a click: no "found in the database" (that is for stats with no run)
@@ -818,23 +812,10 @@ async def test_the_page_in_headless_chromium_follows_a_run_across_two_workers(
     proxy = PinningProxy(shared_workers.base, shared_workers.pids, cut_streams_after=2)
     with anyio.fail_after(120):
         async with under_uvicorn(proxy) as front:
-            done = await anyio.run_process(
-                [
-                    browser,
-                    "--headless",
-                    "--no-sandbox",
-                    "--disable-gpu",
-                    "--disable-quic",
-                    "--no-first-run",
-                    "--disable-background-networking",
-                    "--disable-component-update",
-                    "--disable-sync",
-                    f"--user-data-dir={tmp_path / 'profile'}",
-                    "--virtual-time-budget=60000",
-                    "--dump-dom",
-                    f"{front}/?project=browser&run=shared-run&auto=1&mapping=1",
-                ],
-                check=False,
+            done = await _dump_dom(
+                browser,
+                f"{front}/?project=browser&run=shared-run&auto=1&mapping=1",
+                tmp_path / "profile",
             )
         stats = await _stats_of_every_worker(shared_workers)
     dom = done.stdout.decode()
