@@ -118,10 +118,13 @@ class _Retry(Exception):
 class _SharedRead:
     """One read of a key in flight in this instance, which other lookups may share."""
 
-    __slots__ = ("answer", "done", "scope")
+    __slots__ = ("answer", "closed", "done", "scope")
 
-    def __init__(self) -> None:
-        self.scope = anyio.CancelScope()
+    def __init__(self, deadline: float) -> None:
+        # one scope for both ends of a read: the store's close (closed set first) and
+        # the bound on an unanswered read (deadline)
+        self.scope = anyio.CancelScope(deadline=deadline)
+        self.closed = False
         self.answer: object = _Retry()
         self.done: anyio.Event | None = None  # made by the first caller that shares it
 
@@ -261,6 +264,7 @@ class LeasedStore:
     async def aclose(self) -> None:
         self._open = False
         for shared in list(self._reads.values()):
+            shared.closed = True
             shared.scope.cancel()
         await self._backend.aclose()
 
@@ -321,14 +325,16 @@ class LeasedStore:
             if isinstance(answer, BaseException) and not isinstance(answer, _Retry):
                 raise answer
             # the caller that read was cancelled (or the read failed): read ourselves
-        shared = self._reads[slot] = _SharedRead()
+        shared = self._reads[slot] = _SharedRead(anyio.current_time() + self._op_timeout)
         try:
             try:
-                with shared.scope:  # cancelled by aclose: no read outlives the store
-                    # bounded: a server that does not answer (a partition) is an outage
-                    with anyio.fail_after(self._op_timeout):
-                        read = await self._backend.read(digest, outcome_only=for_get)
+                # cancelled by aclose (no read outlives the store), and bounded: a server
+                # that does not answer (a partition) is an outage
+                with shared.scope:
+                    read = await self._backend.read(digest, outcome_only=for_get)
                 if shared.scope.cancelled_caught:
+                    if not shared.closed:
+                        raise TimeoutError(f"no answer in {self._op_timeout:g} s")
                     closed = PrefetcherClosed("the store was closed while this lookup waited")
                     shared.answer = closed
                     raise closed
