@@ -92,6 +92,13 @@ def new_token() -> str:
     return secrets.token_hex(8)
 
 
+def _duration(o: Outcome) -> float:
+    """How long the run of an outcome took, by its writer's times; 0 for times that
+    make no duration (NaN, infinite, reversed: a corrupt or foreign record)."""
+    d = o.completed_at - o.started_at
+    return d if 0.0 <= d < math.inf else 0.0
+
+
 class _Owned:
     """A run of a key in this instance that holds (or held) the key's lease."""
 
@@ -371,7 +378,7 @@ class LeasedStore:
             else:
                 has_value = True
                 self._seen_fresh(digest, o)
-        duration = max(o.completed_at - o.started_at, 0.0) if o is not None else 0.0
+        duration = _duration(o) if o is not None else 0.0
         run = read.run
         if run is not None:
             return StoredEntry(
@@ -519,7 +526,7 @@ class LeasedStore:
     def _use(self, key: Hashable, o: Outcome) -> LoadOutcome | None:
         """The outcome of a run in another instance, as this caller's result (None: the
         stored value cannot be decoded; the caller loads the key again)."""
-        duration = max(o.completed_at - o.started_at, 0.0)
+        duration = _duration(o)
         if not o.ok:
             raise RemoteLoadError(_error_of(o), error_type=o.error_type, message=o.error_message)
         try:
@@ -754,7 +761,8 @@ class LeasedStore:
 
     async def _release(self, key: Hashable, digest: str, token: str) -> None:
         """Compare-and-delete the lease, shielded and bounded (it expires anyway)."""
-        with anyio.move_on_after(_RELEASE_TIMEOUT, shield=True):
+        # the lease lapses by itself after `lease`: no point waiting longer than that
+        with anyio.move_on_after(min(_RELEASE_TIMEOUT, self._lease), shield=True):
             try:
                 await self._backend.release(digest, token)
             except self._errors as exc:
@@ -810,10 +818,10 @@ class LeasedStore:
         # whose clock lags makes a value look older than it is: a round trip more.
         wall = time.time()
         age = wall - o.completed_at
-        if age < 0.0:
+        left = math.inf if o.expires_at is None else o.expires_at - wall
+        if not (age >= 0.0 and left > 0.0):  # NaN times (a corrupt record) included
             fresh.pop(digest, None)
             return
-        left = math.inf if o.expires_at is None else o.expires_at - wall
         now = time.monotonic()
         fresh[digest] = (now + left, now - age)
 
